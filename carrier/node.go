@@ -1,0 +1,303 @@
+// Package carrier joins a tailnet as one node (with tailscale.com/tsnet) and
+// turns its tailnet connections into ordinary file descriptors.
+//
+// A tsnet connection lives in a userspace network stack, so it has no file
+// descriptor another process could use. The carrier makes one: each tailnet
+// connection is bridged to one end of a socketpair(AF_UNIX, SOCK_STREAM) by
+// [Splice], and the other end is handed to a local client with SCM_RIGHTS by
+// [SendFD]. The client then reads and writes the connection as a plain
+// socket; for the BEAM that means the emulator's own distribution fast path.
+//
+// Names are resolved from the node's own view of the tailnet (its netmap),
+// never through the system resolver: a name the tailnet does not know fails
+// at once with [ErrUnknownHost].
+package carrier
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"tailscale.com/client/local"
+	"tailscale.com/ipn"
+	"tailscale.com/ipn/ipnstate"
+	"tailscale.com/ipn/store/mem"
+	"tailscale.com/net/tsaddr"
+	"tailscale.com/tsnet"
+	"tailscale.com/types/logger"
+)
+
+// Config describes one tailnet node.
+type Config struct {
+	// Hostname is the node's name on the tailnet ("alpha"). Required.
+	Hostname string
+	// ControlURL is the coordination server. Empty means Tailscale's.
+	ControlURL string
+	// AuthKey logs the node in without a person. Empty means interactive
+	// login (the login URL goes to UserLogf) or an existing login in Dir.
+	AuthKey string
+	// Dir holds the node's state (keys, login). Required, one per node.
+	Dir string
+	// Ephemeral nodes are removed from the tailnet when they go offline,
+	// and keep their state in memory only.
+	Ephemeral bool
+	// Tags are the ACL tags the node asks for ("tag:erlang").
+	Tags []string
+	// Logf receives tailscale's own (verbose) logs. Nil discards them.
+	Logf logger.Logf
+	// UserLogf receives what a person should see: the login URL, state
+	// changes. Nil discards them.
+	UserLogf logger.Logf
+}
+
+// ErrUnknownHost is returned (wrapped) when a name or address is not a node
+// of the tailnet as this node currently sees it.
+var ErrUnknownHost = errors.New("unknown host")
+
+// ErrNotUp is returned by methods that need the node Running before Up has
+// succeeded.
+var ErrNotUp = errors.New("carrier: node is not up")
+
+// Node is one tailnet node. Its methods are safe for concurrent use.
+type Node struct {
+	cfg Config
+	ts  *tsnet.Server
+	lc  atomic.Pointer[local.Client] // set once the node is Running
+
+	upOnce  sync.Once
+	upErr   error
+	running chan struct{} // closed once the node is Running
+}
+
+// New checks cfg and prepares a node; nothing touches the network until Up.
+func New(cfg Config) (*Node, error) {
+	if err := ValidHostname(cfg.Hostname); err != nil {
+		return nil, err
+	}
+	if cfg.Dir == "" {
+		return nil, errors.New("carrier: Config.Dir is required")
+	}
+	for _, t := range cfg.Tags {
+		if !strings.HasPrefix(t, "tag:") || len(t) == len("tag:") {
+			return nil, fmt.Errorf("carrier: tag %q must look like tag:NAME", t)
+		}
+	}
+	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("carrier: state dir: %w", err)
+	}
+	logf, userLogf := cfg.Logf, cfg.UserLogf
+	if logf == nil {
+		logf = logger.Discard
+	}
+	if userLogf == nil {
+		userLogf = logger.Discard
+	}
+	ts := &tsnet.Server{
+		Dir:           cfg.Dir,
+		Hostname:      cfg.Hostname,
+		ControlURL:    cfg.ControlURL,
+		AuthKey:       cfg.AuthKey,
+		Ephemeral:     cfg.Ephemeral,
+		AdvertiseTags: cfg.Tags,
+		Logf:          logf,
+		// tsnet prints the login URL through UserLogf every few seconds;
+		// Up prints it once, in its own words, so drop tsnet's copy.
+		UserLogf: logger.Discard,
+	}
+	if cfg.Ephemeral {
+		ts.Store = new(mem.Store)
+	}
+	return &Node{cfg: cfg, ts: ts, running: make(chan struct{})}, nil
+}
+
+// ValidHostname reports whether name can be a tailnet hostname: 1 to 63
+// letters, digits and hyphens, not starting or ending with a hyphen (one
+// DNS label, as MagicDNS needs).
+func ValidHostname(name string) error {
+	if name == "" {
+		return errors.New("carrier: hostname is empty")
+	}
+	if len(name) > 63 {
+		return fmt.Errorf("carrier: hostname %q is longer than 63 characters", name)
+	}
+	for i, r := range name {
+		ok := r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' ||
+			r == '-' && i != 0 && i != len(name)-1
+		if !ok {
+			return fmt.Errorf("carrier: hostname %q: only letters, digits and inner hyphens are allowed", name)
+		}
+	}
+	return nil
+}
+
+// Up starts the node and waits until it is Running on the tailnet or ctx is
+// done. When the control server asks for an interactive login, the login URL
+// is printed once through UserLogf and Up keeps waiting for approval. Calling
+// Up again returns the first call's result.
+func (n *Node) Up(ctx context.Context) error {
+	n.upOnce.Do(func() { n.upErr = n.up(ctx) })
+	return n.upErr
+}
+
+func (n *Node) up(ctx context.Context) error {
+	lc, err := n.ts.LocalClient() // starts the node
+	if err != nil {
+		return fmt.Errorf("carrier: start %s: %w", n.cfg.Hostname, err)
+	}
+	watcher, err := lc.WatchIPNBus(ctx, ipn.NotifyInitialState)
+	if err != nil {
+		return fmt.Errorf("carrier: watch %s: %w", n.cfg.Hostname, err)
+	}
+	defer watcher.Close()
+	printed := ""
+	for {
+		note, err := watcher.Next()
+		if err != nil {
+			return fmt.Errorf("carrier: bringing %s up: %w", n.cfg.Hostname, err)
+		}
+		if note.ErrMessage != nil {
+			return fmt.Errorf("carrier: bringing %s up: %s", n.cfg.Hostname, *note.ErrMessage)
+		}
+		if u := note.BrowseToURL; u != nil && *u != "" && *u != printed {
+			printed = *u
+			n.userLogf("To log %s in to the tailnet, visit: %s", n.cfg.Hostname, *u)
+		}
+		if note.State != nil && *note.State == ipn.Running {
+			n.lc.Store(lc)
+			close(n.running)
+			return nil
+		}
+	}
+}
+
+// Running is closed once Up has brought the node onto the tailnet.
+func (n *Node) Running() <-chan struct{} { return n.running }
+
+func (n *Node) userLogf(format string, args ...any) {
+	if n.cfg.UserLogf != nil {
+		n.cfg.UserLogf(format, args...)
+	}
+}
+
+// Close leaves the tailnet and closes every listener and connection of the
+// node. An ephemeral node is removed from the tailnet.
+func (n *Node) Close() error { return n.ts.Close() }
+
+// Hostname is the name the node asked for.
+func (n *Node) Hostname() string { return n.cfg.Hostname }
+
+func (n *Node) local() (*local.Client, error) {
+	if lc := n.lc.Load(); lc != nil {
+		return lc, nil
+	}
+	return nil, ErrNotUp
+}
+
+// Listen accepts tailnet TCP connections on port of the node's tailnet
+// addresses (IPv4 and IPv6). Port 0 picks a free port; the listener's Addr
+// tells which.
+func (n *Node) Listen(port uint16) (net.Listener, error) {
+	if _, err := n.local(); err != nil {
+		return nil, err
+	}
+	ln, err := n.ts.Listen("tcp", ":"+strconv.Itoa(int(port)))
+	if err != nil {
+		return nil, fmt.Errorf("carrier: listen on tailnet port %d: %w", port, err)
+	}
+	return ln, nil
+}
+
+// Dial opens a TCP connection to port on host, where host is a bare tailnet
+// hostname ("beta"), a MagicDNS name ("beta.example.ts.net") or a tailnet IP.
+// The name is resolved from the node's netmap; see [Node.Resolve].
+func (n *Node) Dial(ctx context.Context, host string, port uint16) (net.Conn, error) {
+	addr, err := n.Resolve(ctx, host)
+	if err != nil {
+		return nil, err
+	}
+	c, err := n.ts.Dial(ctx, "tcp", netip.AddrPortFrom(addr, port).String())
+	if err != nil {
+		return nil, fmt.Errorf("carrier: dial %s:%d: %w", host, port, err)
+	}
+	return c, nil
+}
+
+// Resolve finds the tailnet IP of host among this node and its peers.
+// A bare name matches a node's MagicDNS label or, failing that, its
+// hostname; a dotted name matches a MagicDNS name; an IP must be a tailnet
+// address. Matching ignores case and a trailing dot. IPv4 is preferred.
+// Anything else fails with an error wrapping [ErrUnknownHost]; the system
+// resolver is never asked.
+func (n *Node) Resolve(ctx context.Context, host string) (netip.Addr, error) {
+	if ip, err := netip.ParseAddr(host); err == nil {
+		if !tsaddr.IsTailscaleIP(ip) {
+			return netip.Addr{}, fmt.Errorf("carrier: %s is not a tailnet address: %w", host, ErrUnknownHost)
+		}
+		return ip, nil
+	}
+	st, err := n.rawStatus(ctx)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	want := strings.ToLower(strings.TrimSuffix(host, "."))
+	if want == "" {
+		return netip.Addr{}, fmt.Errorf("carrier: empty host name: %w", ErrUnknownHost)
+	}
+	nodes := make([]*ipnstate.PeerStatus, 0, len(st.Peer)+1)
+	if st.Self != nil {
+		nodes = append(nodes, st.Self)
+	}
+	for _, p := range st.Peer {
+		nodes = append(nodes, p)
+	}
+	match := func(key func(*ipnstate.PeerStatus) string) (netip.Addr, bool) {
+		for _, p := range nodes {
+			if key(p) == want && len(p.TailscaleIPs) > 0 {
+				return preferIPv4(p.TailscaleIPs), true
+			}
+		}
+		return netip.Addr{}, false
+	}
+	dnsName := func(p *ipnstate.PeerStatus) string { return strings.ToLower(strings.TrimSuffix(p.DNSName, ".")) }
+	if strings.Contains(want, ".") {
+		if ip, ok := match(dnsName); ok {
+			return ip, nil
+		}
+	} else {
+		label := func(p *ipnstate.PeerStatus) string { l, _, _ := strings.Cut(dnsName(p), "."); return l }
+		if ip, ok := match(label); ok {
+			return ip, nil
+		}
+		if ip, ok := match(func(p *ipnstate.PeerStatus) string { return strings.ToLower(p.HostName) }); ok {
+			return ip, nil
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("carrier: host %q is not on the tailnet: %w", host, ErrUnknownHost)
+}
+
+func preferIPv4(ips []netip.Addr) netip.Addr {
+	if i := slices.IndexFunc(ips, netip.Addr.Is4); i >= 0 {
+		return ips[i]
+	}
+	return ips[0]
+}
+
+func (n *Node) rawStatus(ctx context.Context) (*ipnstate.Status, error) {
+	lc, err := n.local()
+	if err != nil {
+		return nil, err
+	}
+	st, err := lc.Status(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("carrier: status: %w", err)
+	}
+	return st, nil
+}

@@ -1,0 +1,110 @@
+// Command tsdist is the tsdist helper and CLI: it owns a tailnet node and
+// hands the node's connections to local programs (BEAM nodes above all) as
+// file descriptors, and it runs the offline tailnet used by the tests and
+// the demo.
+//
+//	tsdist serve   --hostname alpha [--control-url URL] [--authkey KEY] ...
+//	tsdist status  [--socket PATH | --hostname alpha] [--json]
+//	tsdist devnet  [--url-file FILE]
+//	tsdist version
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+)
+
+// version is the helper's version, reported by hello and `tsdist version`.
+// Release builds set it with -ldflags "-X main.version=...".
+var version = "0.1.0-dev"
+
+type command struct {
+	name, summary string
+	run           func(args []string) error
+}
+
+func commands() []command {
+	return []command{
+		{"serve", "run one tailnet node and serve the control protocol on a Unix socket", runServe},
+		{"status", "print a helper's view of the tailnet", runStatus},
+		{"devnet", "run an offline tailnet on loopback (control server, DERP, STUN)", runDevnet},
+		{"version", "print the version", func([]string) error { fmt.Println("tsdist", version); return nil }},
+	}
+}
+
+func usage() {
+	fmt.Fprintf(os.Stderr, "usage: tsdist COMMAND [flags]\n\ncommands:\n")
+	for _, c := range commands() {
+		fmt.Fprintf(os.Stderr, "  %-8s %s\n", c.name, c.summary)
+	}
+	fmt.Fprintf(os.Stderr, "\n`tsdist COMMAND -h` lists a command's flags.\n")
+}
+
+func main() {
+	if len(os.Args) < 2 {
+		usage()
+		os.Exit(2)
+	}
+	name := os.Args[1]
+	if name == "-h" || name == "--help" || name == "help" {
+		usage()
+		return
+	}
+	for _, c := range commands() {
+		if c.name == name {
+			err := c.run(os.Args[2:])
+			if errors.Is(err, flag.ErrHelp) {
+				return
+			}
+			if err != nil {
+				fmt.Fprintf(os.Stderr, "tsdist %s: %v\n", name, err)
+				var ue usageError
+				if errors.As(err, &ue) {
+					os.Exit(2)
+				}
+				os.Exit(1)
+			}
+			return
+		}
+	}
+	fmt.Fprintf(os.Stderr, "tsdist: unknown command %q\n\n", name)
+	usage()
+	os.Exit(2)
+}
+
+// usageError is a mistake on the command line (exit status 2).
+type usageError struct{ error }
+
+func newFlagSet(name, synopsis string) *flag.FlagSet {
+	fs := flag.NewFlagSet("tsdist "+name, flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "usage: tsdist %s %s\n\nflags:\n", name, synopsis)
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+func parseFlags(fs *flag.FlagSet, args []string) error {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return err
+		}
+		return usageError{err}
+	}
+	if fs.NArg() > 0 {
+		return usageError{fmt.Errorf("unexpected argument %q", fs.Arg(0))}
+	}
+	return nil
+}
+
+// envOr returns the first non-empty environment variable of names, or def.
+func envOr(def string, names ...string) string {
+	for _, n := range names {
+		if v := os.Getenv(n); v != "" {
+			return v
+		}
+	}
+	return def
+}

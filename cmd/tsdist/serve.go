@@ -1,0 +1,161 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log"
+	"net"
+	"net/netip"
+	"net/url"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/tsdist/tsdist/carrier"
+	"github.com/tsdist/tsdist/control"
+	"github.com/tsdist/tsdist/devnet"
+)
+
+func runServe(args []string) error {
+	fs := newFlagSet("serve", "--hostname NAME [flags]")
+	hostname := fs.String("hostname", envOr("", "TS_HOSTNAME"), "the node's tailnet `name` (env TS_HOSTNAME); required")
+	controlURL := fs.String("control-url", envOr("", "TS_CONTROL_URL"), "coordination server `URL` (env TS_CONTROL_URL); empty means Tailscale's")
+	authKey := fs.String("authkey", envOr("", "TS_AUTHKEY", "TS_AUTH_KEY"), "auth `key` to join without a person (env TS_AUTHKEY); without one, a login URL is printed")
+	stateDir := fs.String("state-dir", envOr("", "TS_STATE_DIR"), "`dir` for the node's keys and login (env TS_STATE_DIR); default $XDG_STATE_HOME/tsdist/NAME or ~/.local/state/tsdist/NAME")
+	ephemeral := fs.Bool("ephemeral", envOr("", "TS_EPHEMERAL") == "true" || envOr("", "TS_EPHEMERAL") == "1", "remove the node from the tailnet when it goes offline and keep no state on disk (env TS_EPHEMERAL=1)")
+	tags := fs.String("tags", envOr("", "TS_TAGS"), "comma-separated ACL `tags` to advertise, e.g. tag:erlang (env TS_TAGS)")
+	socket := fs.String("socket", envOr("", "TSDIST_SOCKET"), "control socket `path` (env TSDIST_SOCKET); default "+filepath.Join(runtimeDir(), "NAME.sock"))
+	localOnly := fs.Bool("local-only", false, "keep every packet on loopback (implied when the control URL is on loopback)")
+	verbose := fs.Bool("verbose", false, "print tailscale's own logs to stderr")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if *hostname == "" {
+		return usageError{errors.New("--hostname is required (or set TS_HOSTNAME)")}
+	}
+	if err := carrier.ValidHostname(*hostname); err != nil {
+		return usageError{err}
+	}
+	if *localOnly || isLoopbackURL(*controlURL) {
+		devnet.LoopbackOnly()
+	}
+	if *stateDir == "" {
+		d, err := defaultStateDir(*hostname)
+		if err != nil {
+			return err
+		}
+		*stateDir = d
+	}
+	if *socket == "" {
+		*socket = defaultSocket(*hostname)
+	}
+	var tagList []string
+	for _, t := range strings.Split(*tags, ",") {
+		if t = strings.TrimSpace(t); t != "" {
+			tagList = append(tagList, t)
+		}
+	}
+
+	say := log.New(os.Stderr, "tsdist["+*hostname+"]: ", 0).Printf
+	cfg := carrier.Config{
+		Hostname:   *hostname,
+		ControlURL: *controlURL,
+		AuthKey:    *authKey,
+		Dir:        *stateDir,
+		Ephemeral:  *ephemeral,
+		Tags:       tagList,
+		UserLogf:   say,
+	}
+	if *verbose {
+		cfg.Logf = log.New(os.Stderr, "tsdist["+*hostname+"] tailscale: ", log.Lmicroseconds).Printf
+	}
+	node, err := carrier.New(cfg)
+	if err != nil {
+		return err
+	}
+	defer node.Close()
+
+	ln, err := listenControl(*socket)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(*socket)
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	srv := control.NewServer(node, version, say)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	defer srv.Close()
+
+	upErr := make(chan error, 1)
+	start := time.Now()
+	go func() { upErr <- node.Up(ctx) }()
+	for {
+		select {
+		case err := <-upErr:
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return err
+			}
+			upErr = nil
+			st, err := node.Status(ctx)
+			if err != nil {
+				return err
+			}
+			say("running on the tailnet as %s (%s) after %v; control socket %s",
+				st.Self.DNSName, strings.Join(st.Self.IPs, ", "), time.Since(start).Round(time.Millisecond), *socket)
+		case err := <-served:
+			return fmt.Errorf("control socket: %w", err)
+		case <-ctx.Done():
+			say("shutting down")
+			return nil
+		}
+	}
+}
+
+// isLoopbackURL reports whether a control URL names a loopback host, as the
+// offline tailnet's does.
+func isLoopbackURL(raw string) bool {
+	u, err := url.Parse(raw)
+	if err != nil || u.Hostname() == "" {
+		return false
+	}
+	if u.Hostname() == "localhost" {
+		return true
+	}
+	ip, err := netip.ParseAddr(u.Hostname())
+	return err == nil && ip.IsLoopback()
+}
+
+// listenControl creates the control socket at path: in a directory only
+// this user can enter, with mode 0600. A stale socket from a helper that
+// died is replaced; a live one is an error.
+func listenControl(path string) (*net.UnixListener, error) {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("control socket dir: %w", err)
+	}
+	if _, err := os.Stat(path); err == nil {
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("another helper is already serving %s", path)
+		}
+		os.Remove(path)
+	}
+	old := syscall.Umask(0o177)
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	syscall.Umask(old)
+	if err != nil {
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
+	ln.SetUnlinkOnClose(false) // removed by serve itself, after shutdown
+	return ln, nil
+}

@@ -1,0 +1,496 @@
+package control
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"runtime"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/tsdist/tsdist/carrier"
+	"tailscale.com/types/logger"
+)
+
+// Server limits. A client may have MaxInFlight requests pending at once; a
+// client that has not read a message for WriteTimeout is dropped, so one
+// stuck client cannot hold the helper's resources.
+const (
+	MaxInFlight      = 64
+	WriteTimeout     = 30 * time.Second
+	DefaultDialTime  = 15 * time.Second
+	MaxDialTime      = 5 * time.Minute
+	whoIsTime        = 10 * time.Second
+	controlReadBytes = 64 << 10
+)
+
+// Server serves the control protocol for one tailnet node. Every tailnet
+// listener and carried connection belongs to the control connection that
+// asked for it: when that connection closes, its listeners close with it
+// (carried connections, now owned by the client's descriptors, live on).
+type Server struct {
+	node    *carrier.Node
+	logf    logger.Logf
+	version string
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu        sync.Mutex
+	closed    bool
+	netLns    map[net.Listener]struct{}
+	clients   map[*client]struct{}
+	listeners map[int]*tailnetListener // by tailnet port
+	bridges   map[*bridge]struct{}
+}
+
+type tailnetListener struct {
+	owner *client
+	ln    net.Listener
+}
+
+type bridge struct {
+	tailnet net.Conn
+	near    *net.UnixConn
+}
+
+// NewServer returns a Server for node. helperVersion is reported by hello;
+// logf receives one line per refused request or dropped connection.
+func NewServer(node *carrier.Node, helperVersion string, logf logger.Logf) *Server {
+	if logf == nil {
+		logf = logger.Discard
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Server{
+		node:      node,
+		logf:      logf,
+		version:   helperVersion,
+		ctx:       ctx,
+		cancel:    cancel,
+		netLns:    map[net.Listener]struct{}{},
+		clients:   map[*client]struct{}{},
+		listeners: map[int]*tailnetListener{},
+		bridges:   map[*bridge]struct{}{},
+	}
+}
+
+// ErrServerClosed is returned by Serve after Close.
+var ErrServerClosed = errors.New("control: server closed")
+
+// Serve accepts control connections on ln (a Unix stream listener) until ln
+// fails or the server is closed. It always closes ln.
+func (s *Server) Serve(ln *net.UnixListener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		ln.Close()
+		return ErrServerClosed
+	}
+	s.netLns[ln] = struct{}{}
+	s.mu.Unlock()
+	defer ln.Close()
+	for {
+		conn, err := ln.AcceptUnix()
+		if err != nil {
+			if s.ctx.Err() != nil {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				continue
+			}
+			return fmt.Errorf("control: accept: %w", err)
+		}
+		c := s.addClient(conn)
+		if c == nil {
+			conn.Close()
+			return ErrServerClosed
+		}
+		s.wg.Go(c.serve)
+	}
+}
+
+func (s *Server) addClient(conn *net.UnixConn) *client {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	ctx, cancel := context.WithCancel(s.ctx)
+	c := &client{s: s, conn: conn, ctx: ctx, cancel: cancel, inflight: make(chan struct{}, MaxInFlight)}
+	s.clients[c] = struct{}{}
+	return c
+}
+
+// Close stops serving: it closes the control listeners, every control
+// connection, every tailnet listener and every carried connection, and waits
+// for all of the server's goroutines to finish. The node is left running.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	s.cancel()
+	for ln := range s.netLns {
+		ln.Close()
+	}
+	for c := range s.clients {
+		c.conn.Close()
+	}
+	for _, l := range s.listeners {
+		l.ln.Close()
+	}
+	for b := range s.bridges {
+		b.tailnet.Close()
+		b.near.Close()
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+	return nil
+}
+
+// Stats reports the helper's resource use.
+func (s *Server) Stats() Stats {
+	s.mu.Lock()
+	st := Stats{Clients: len(s.clients), Listeners: len(s.listeners), Bridges: len(s.bridges)}
+	s.mu.Unlock()
+	st.Goroutines = runtime.NumGoroutine()
+	if ents, err := os.ReadDir("/proc/self/fd"); err == nil {
+		st.OpenFDs = len(ents) - 1 // ReadDir's own descriptor
+	}
+	return st
+}
+
+// client is one control connection.
+type client struct {
+	s        *Server
+	conn     *net.UnixConn
+	ctx      context.Context // done when the connection is gone
+	cancel   context.CancelFunc
+	inflight chan struct{}
+	wmu      sync.Mutex
+}
+
+func (c *client) serve() {
+	defer c.close()
+	r := bufio.NewReaderSize(c.conn, controlReadBytes)
+	hello := false
+	for {
+		payload, err := ReadFrame(r, MaxRequestSize)
+		if errors.Is(err, ErrFrameTooLarge) {
+			c.s.logf("control: dropping client: %v", err)
+			c.reply(0, nil, &Error{Code: CodeTooLarge, Message: err.Error()})
+			return
+		}
+		if err != nil {
+			return // end of stream or a broken connection
+		}
+		req, perr := ParseRequest(payload)
+		switch {
+		case perr != nil:
+			c.s.logf("control: bad request: %s", perr.Message)
+			c.reply(req.ID, nil, perr)
+		case req.Op == OpHello:
+			hello = c.hello(req)
+		case !hello:
+			c.reply(req.ID, nil, &Error{Code: CodeHelloRequired, Message: "the first request must be hello"})
+		default:
+			select {
+			case c.inflight <- struct{}{}:
+				c.s.wg.Go(func() {
+					defer func() { <-c.inflight }()
+					c.handle(req)
+				})
+			default:
+				c.reply(req.ID, nil, &Error{Code: CodeBusy, Message: strconv.Itoa(MaxInFlight) + " requests already in flight"})
+			}
+		}
+	}
+}
+
+// close releases everything the connection owns but its carried
+// connections, which belong to the descriptors the client received.
+func (c *client) close() {
+	c.cancel()
+	c.conn.Close()
+	s := c.s
+	s.mu.Lock()
+	delete(s.clients, c)
+	for port, l := range s.listeners {
+		if l.owner == c {
+			l.ln.Close()
+			delete(s.listeners, port)
+		}
+	}
+	s.mu.Unlock()
+}
+
+func (c *client) hello(req Request) bool {
+	if req.Version != Version {
+		c.reply(req.ID, nil, &Error{Code: CodeVersion, Message: fmt.Sprintf("version %d requested; this helper speaks version %d", req.Version, Version)})
+		return false
+	}
+	state := "Unknown"
+	if st, err := c.s.node.Status(c.ctx); err == nil {
+		state = st.State
+	}
+	c.reply(req.ID, HelloResult{Version: Version, Helper: c.s.version, Hostname: c.s.node.Hostname(), State: state}, nil)
+	return true
+}
+
+func (c *client) handle(req Request) {
+	switch req.Op {
+	case OpStatus:
+		st, err := c.s.node.Status(c.ctx)
+		c.replyErr(req.ID, st, err)
+	case OpStats:
+		c.reply(req.ID, c.s.Stats(), nil)
+	case OpWhoIs:
+		if req.Addr == "" {
+			c.reply(req.ID, nil, &Error{Code: CodeBadRequest, Message: `whois needs "addr"`})
+			return
+		}
+		if !c.waitRunning(req.ID, c.ctx) {
+			return
+		}
+		id, err := c.s.node.WhoIs(c.ctx, req.Addr)
+		c.replyErr(req.ID, id, err)
+	case OpListen:
+		c.listen(req)
+	case OpUnlisten:
+		c.unlisten(req)
+	case OpDial:
+		c.dial(req)
+	default:
+		c.reply(req.ID, nil, &Error{Code: CodeUnknownOp, Message: fmt.Sprintf("unknown op %q", req.Op)})
+	}
+}
+
+// waitRunning waits for the node to be on the tailnet, answering the request
+// with an error and returning false if ctx ends first.
+func (c *client) waitRunning(id uint64, ctx context.Context) bool {
+	select {
+	case <-c.s.node.Running():
+		return true
+	case <-ctx.Done():
+		if c.ctx.Err() == nil {
+			c.reply(id, nil, &Error{Code: CodeNotRunning, Message: c.s.node.Hostname() + " did not reach the Running state in time"})
+		}
+		return false
+	}
+}
+
+func (c *client) listen(req Request) {
+	if !c.waitRunning(req.ID, c.ctx) {
+		return
+	}
+	s := c.s
+	s.mu.Lock()
+	if _, taken := s.listeners[req.Port]; taken && req.Port != 0 {
+		s.mu.Unlock()
+		c.reply(req.ID, nil, &Error{Code: CodePortInUse, Message: fmt.Sprintf("tailnet port %d is already listened on through this helper", req.Port)})
+		return
+	}
+	s.mu.Unlock()
+	ln, err := s.node.Listen(uint16(req.Port))
+	if err != nil {
+		c.reply(req.ID, nil, &Error{Code: CodePortInUse, Message: err.Error()})
+		return
+	}
+	port := req.Port
+	if ap, err := netipPort(ln.Addr()); err == nil {
+		port = ap
+	}
+	s.mu.Lock()
+	if s.closed || c.ctx.Err() != nil {
+		s.mu.Unlock()
+		ln.Close()
+		return
+	}
+	s.listeners[port] = &tailnetListener{owner: c, ln: ln}
+	s.mu.Unlock()
+	s.wg.Go(func() { c.acceptLoop(ln, port) })
+	c.reply(req.ID, ListenResult{Port: port}, nil)
+}
+
+func netipPort(a net.Addr) (int, error) {
+	_, p, err := net.SplitHostPort(a.String())
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(p)
+}
+
+func (c *client) unlisten(req Request) {
+	s := c.s
+	s.mu.Lock()
+	l, ok := s.listeners[req.Port]
+	if ok && l.owner == c {
+		delete(s.listeners, req.Port)
+	}
+	s.mu.Unlock()
+	if !ok || l.owner != c {
+		c.reply(req.ID, nil, &Error{Code: CodeNotListening, Message: fmt.Sprintf("this client does not listen on tailnet port %d", req.Port)})
+		return
+	}
+	l.ln.Close()
+	c.reply(req.ID, struct{}{}, nil)
+}
+
+func (c *client) acceptLoop(ln net.Listener, port int) {
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			return // closed by unlisten, the client going away, or Close
+		}
+		c.s.wg.Go(func() { c.deliver(conn, port) })
+	}
+}
+
+// deliver hands an accepted tailnet connection to the client.
+func (c *client) deliver(conn net.Conn, port int) {
+	ctx, cancel := context.WithTimeout(c.ctx, whoIsTime)
+	peer, err := c.s.node.WhoIs(ctx, conn.RemoteAddr().String())
+	cancel()
+	if err != nil {
+		c.s.logf("control: refusing connection from %v on port %d: no tailnet identity: %v", conn.RemoteAddr(), port, err)
+		conn.Close()
+		return
+	}
+	ev := Event{Event: EventAccept, FD: true, ListenerPort: port, Peer: &peer}
+	if err := c.carry(conn, ev); err != nil {
+		c.s.logf("control: accepted connection from %s (%s) not delivered: %v", peer.Node, peer.Addr, err)
+	}
+}
+
+func (c *client) dial(req Request) {
+	if req.Host == "" || req.Port == 0 {
+		c.reply(req.ID, nil, &Error{Code: CodeBadRequest, Message: `dial needs "host" and a non-zero "port"`})
+		return
+	}
+	limit := DefaultDialTime
+	if req.TimeoutMS > 0 {
+		limit = min(time.Duration(req.TimeoutMS)*time.Millisecond, MaxDialTime)
+	}
+	ctx, cancel := context.WithTimeout(c.ctx, limit)
+	defer cancel()
+	if !c.waitRunning(req.ID, ctx) {
+		return
+	}
+	conn, err := c.s.node.Dial(ctx, req.Host, uint16(req.Port))
+	if err != nil {
+		switch {
+		case errors.Is(err, carrier.ErrUnknownHost):
+			c.reply(req.ID, nil, &Error{Code: CodeUnknownHost, Message: err.Error()})
+		case ctx.Err() != nil && c.ctx.Err() == nil:
+			c.reply(req.ID, nil, &Error{Code: CodeTimeout, Message: fmt.Sprintf("dial %s:%d: no connection within %v", req.Host, req.Port, limit)})
+		default:
+			c.reply(req.ID, nil, &Error{Code: CodeDialFailed, Message: err.Error()})
+		}
+		return
+	}
+	peer, err := c.s.node.WhoIs(ctx, conn.RemoteAddr().String())
+	if err != nil {
+		conn.Close()
+		c.reply(req.ID, nil, &Error{Code: CodeDialFailed, Message: fmt.Sprintf("dial %s:%d: connected to %v, which has no tailnet identity: %v", req.Host, req.Port, conn.RemoteAddr(), err)})
+		return
+	}
+	resp := Response{ID: req.ID, OK: true, FD: true, Result: mustJSON(DialResult{Peer: peer})}
+	if err := c.carry(conn, resp); err != nil {
+		c.s.logf("control: dialled connection to %s not delivered: %v", peer.Node, err)
+	}
+}
+
+// carry bridges conn to a new socketpair, sends msg with the far end's
+// descriptor to the client and splices until the connection ends. If the
+// message cannot be sent, everything is closed.
+func (c *client) carry(conn net.Conn, msg any) error {
+	near, far, err := carrier.Socketpair()
+	if err != nil {
+		conn.Close()
+		return err
+	}
+	b := &bridge{tailnet: conn, near: near}
+	s := c.s
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		conn.Close()
+		near.Close()
+		far.Close()
+		return ErrServerClosed
+	}
+	s.bridges[b] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.bridges, b)
+		s.mu.Unlock()
+	}()
+	err = c.send(msg, far)
+	far.Close() // the client has its own copy now, or never will
+	if err != nil {
+		conn.Close()
+		near.Close()
+		return err
+	}
+	carrier.Splice(conn, near)
+	return nil
+}
+
+func mustJSON(v any) json.RawMessage {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(fmt.Sprintf("control: marshal %T: %v", v, err))
+	}
+	return b
+}
+
+// replyErr answers with result, or with err classified into an error code.
+func (c *client) replyErr(id uint64, result any, err error) {
+	if err == nil {
+		c.reply(id, result, nil)
+		return
+	}
+	code := CodeInternal
+	switch {
+	case errors.Is(err, carrier.ErrUnknownHost):
+		code = CodeUnknownHost
+	case errors.Is(err, carrier.ErrNotUp):
+		code = CodeNotRunning
+	}
+	c.reply(id, nil, &Error{Code: code, Message: err.Error()})
+}
+
+func (c *client) reply(id uint64, result any, e *Error) {
+	resp := Response{ID: id, OK: e == nil, Error: e}
+	if e == nil {
+		resp.Result = mustJSON(result)
+	}
+	if err := c.send(resp, nil); err != nil && c.ctx.Err() == nil {
+		c.s.logf("control: reply to request %d lost: %v", id, err)
+	}
+}
+
+// send writes one message, with fd attached if non-nil. A client that does
+// not take the message within WriteTimeout is disconnected.
+func (c *client) send(msg any, fd *os.File) error {
+	frame := AppendFrame(nil, mustJSON(msg))
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.conn.SetWriteDeadline(time.Now().Add(WriteTimeout))
+	var err error
+	if fd != nil {
+		err = carrier.SendFD(c.conn, frame, fd)
+	} else {
+		_, err = c.conn.Write(frame)
+	}
+	if err != nil {
+		c.conn.Close() // a half-written frame leaves the stream unusable
+	}
+	return err
+}

@@ -1,0 +1,205 @@
+// Package control is the tsdist control protocol: how a local program (a BEAM
+// node, a Go test, the tsdist CLI) asks a tsdist helper to listen, dial and
+// describe the tailnet, and receives tailnet connections as file descriptors.
+//
+// The protocol runs over a Unix stream socket. Every message is a frame: a
+// 4-byte big-endian length followed by that many bytes of one JSON object.
+// Requests carry an "id" chosen by the client; each gets exactly one
+// response with the same id, in any order. Events (accepted connections)
+// carry no id. A message that brings a connection has "fd": true, and the
+// connection's descriptor arrives as SCM_RIGHTS on the frame's first byte.
+// docs/control-protocol.md is the full specification.
+package control
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/tsdist/tsdist/carrier"
+)
+
+// Version is the protocol version this package speaks.
+const Version = 1
+
+// Frame size limits. A request larger than MaxRequestSize is refused and the
+// connection closed, since its stream can no longer be trusted.
+const (
+	MaxRequestSize  = 64 << 10
+	MaxResponseSize = 16 << 20
+)
+
+// Ops, the "op" of a request.
+const (
+	OpHello    = "hello"
+	OpStatus   = "status"
+	OpWhoIs    = "whois"
+	OpListen   = "listen"
+	OpUnlisten = "unlisten"
+	OpDial     = "dial"
+	OpStats    = "stats"
+)
+
+// EventAccept is the "event" of a message bringing an accepted connection.
+const EventAccept = "accept"
+
+// Error codes, the "code" of an error response.
+const (
+	CodeBadRequest    = "bad_request"         // not a valid request: bad JSON, missing or bad field
+	CodeTooLarge      = "too_large"           // frame over MaxRequestSize; the connection is closed
+	CodeHelloRequired = "hello_required"      // the first request must be hello
+	CodeVersion       = "unsupported_version" // hello asked for a version the helper lacks
+	CodeUnknownOp     = "unknown_op"          // op not known to this helper
+	CodeNotRunning    = "not_running"         // the node is not (yet) on the tailnet
+	CodeUnknownHost   = "unknown_host"        // host or address is not on the tailnet
+	CodeDialFailed    = "dial_failed"         // the tailnet connection could not be made
+	CodeTimeout       = "timeout"             // the request's time ran out
+	CodePortInUse     = "port_in_use"         // another listener holds the port
+	CodeNotListening  = "not_listening"       // unlisten of a port this client does not hold
+	CodeBusy          = "busy"                // too many requests in flight on this connection
+	CodeInternal      = "internal"            // the helper failed; the message says how
+)
+
+// Request is a client's request. Which fields matter depends on Op; unknown
+// fields are ignored, so newer clients can talk to older helpers.
+type Request struct {
+	ID uint64 `json:"id"`
+	Op string `json:"op"`
+
+	// hello
+	Version int    `json:"version,omitempty"`
+	Client  string `json:"client,omitempty"`
+	// listen, unlisten, dial
+	Port int `json:"port,omitempty"`
+	// dial
+	Host      string `json:"host,omitempty"`
+	TimeoutMS int    `json:"timeout_ms,omitempty"`
+	// whois
+	Addr string `json:"addr,omitempty"`
+}
+
+// Response answers the request with the same ID. Exactly one of Result
+// (OK true) and Error (OK false) is set. FD marks a response that brings a
+// connection's descriptor.
+type Response struct {
+	ID     uint64          `json:"id"`
+	OK     bool            `json:"ok"`
+	FD     bool            `json:"fd,omitempty"`
+	Result json.RawMessage `json:"result,omitempty"`
+	Error  *Error          `json:"error,omitempty"`
+
+	fdFile *os.File // the descriptor that came with it, on the client side
+}
+
+// Event is a message the helper sends on its own: today only "accept", an
+// accepted tailnet connection whose descriptor rides along (FD is true).
+type Event struct {
+	Event        string            `json:"event"`
+	FD           bool              `json:"fd"`
+	ListenerPort int               `json:"listener_port"`
+	Peer         *carrier.Identity `json:"peer"`
+}
+
+// Error is an error response, and the error a Client returns for one.
+type Error struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+}
+
+func (e *Error) Error() string { return e.Code + ": " + e.Message }
+
+// Is makes errors.Is match two *Error values by code.
+func (e *Error) Is(target error) bool {
+	t, ok := target.(*Error)
+	return ok && t.Code == e.Code
+}
+
+// HelloResult is the result of hello.
+type HelloResult struct {
+	Version  int    `json:"version"`
+	Helper   string `json:"helper"`   // the helper's own version string
+	Hostname string `json:"hostname"` // the node's tailnet hostname
+	State    string `json:"state"`    // the node's backend state, "Running" once usable
+}
+
+// ListenResult is the result of listen.
+type ListenResult struct {
+	Port int `json:"port"` // the port listened on (the one picked, for port 0)
+}
+
+// DialResult is the result of dial; the connection's descriptor rides along.
+type DialResult struct {
+	Peer carrier.Identity `json:"peer"`
+}
+
+// Stats is the result of stats: the helper's own resource use, for
+// operators and leak tests.
+type Stats struct {
+	Goroutines int `json:"goroutines"`
+	OpenFDs    int `json:"open_fds"`
+	Clients    int `json:"clients"`   // control connections open
+	Listeners  int `json:"listeners"` // tailnet listeners open
+	Bridges    int `json:"bridges"`   // tailnet connections being carried
+}
+
+// ErrFrameTooLarge is returned by ReadFrame for a frame over its limit.
+var ErrFrameTooLarge = errors.New("control: frame too large")
+
+// ReadFrame reads one frame's payload from r. It refuses, with
+// ErrFrameTooLarge and without reading the payload, a frame longer than max,
+// and an empty frame as malformed.
+func ReadFrame(r io.Reader, max int) ([]byte, error) {
+	var hdr [4]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return nil, err
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	if uint64(n) > uint64(max) {
+		return nil, fmt.Errorf("%w: %d bytes, limit %d", ErrFrameTooLarge, n, max)
+	}
+	if n == 0 {
+		return nil, errors.New("control: empty frame")
+	}
+	buf := make([]byte, n)
+	if _, err := io.ReadFull(r, buf); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, err
+	}
+	return buf, nil
+}
+
+// AppendFrame appends payload, framed, to b.
+func AppendFrame(b, payload []byte) []byte {
+	b = binary.BigEndian.AppendUint32(b, uint32(len(payload)))
+	return append(b, payload...)
+}
+
+// ParseRequest decodes and checks one request payload. On error it returns
+// an *Error with code bad_request, and whatever ID could be read (0 if
+// none), so the caller can still answer it.
+func ParseRequest(payload []byte) (Request, *Error) {
+	var req Request
+	if err := json.Unmarshal(payload, &req); err != nil {
+		// Salvage the id, so the error response can be matched.
+		var idOnly struct {
+			ID uint64 `json:"id"`
+		}
+		json.Unmarshal(payload, &idOnly)
+		return Request{ID: idOnly.ID}, &Error{Code: CodeBadRequest, Message: "request is not a JSON object of the expected shape: " + err.Error()}
+	}
+	if req.Op == "" {
+		return req, &Error{Code: CodeBadRequest, Message: `request has no "op"`}
+	}
+	if req.Port < 0 || req.Port > 65535 {
+		return req, &Error{Code: CodeBadRequest, Message: fmt.Sprintf("port %d is out of range 0-65535", req.Port)}
+	}
+	if req.TimeoutMS < 0 {
+		return req, &Error{Code: CodeBadRequest, Message: "timeout_ms must not be negative"}
+	}
+	return req, nil
+}

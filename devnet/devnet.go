@@ -1,0 +1,231 @@
+// Package devnet runs a whole tailnet offline, on loopback: tailscale's test
+// control server, an in-process DERP relay and a STUN server, all bound to
+// 127.0.0.1, with MagicDNS on.
+//
+// It is what the tests and the demo run against. Nothing it starts listens on
+// or sends to any address outside 127.0.0.0/8, provided the tsnet nodes that
+// join it apply [LoopbackOnly] first (the tsdist helper does so by itself when
+// its control URL is on loopback).
+package devnet
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"log"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+
+	"tailscale.com/derp/derpserver"
+	"tailscale.com/envknob"
+	"tailscale.com/net/netns"
+	"tailscale.com/net/stunserver"
+	"tailscale.com/tailcfg"
+	"tailscale.com/tstest/integration/testcontrol"
+	"tailscale.com/types/key"
+	"tailscale.com/types/logger"
+)
+
+// MagicDNSDomain is the MagicDNS suffix of every node on the offline tailnet:
+// a node with hostname "alpha" is also "alpha.tsdist.test".
+const MagicDNSDomain = "tsdist.test"
+
+// loopbackKnobs are the environment knobs tailscale's own integration tests
+// set, plus TS_DEBUG_OMIT_LOCAL_ADDRS, without which a node advertises the
+// machine's non-loopback addresses as endpoints and sends disco packets there.
+var loopbackKnobs = [][2]string{
+	{"TS_NO_LOGS_NO_SUPPORT", "true"},
+	{"TS_DISABLE_PORTMAPPER", "1"},
+	{"TS_ASSUME_NETWORK_UP_FOR_TEST", "1"},
+	{"TS_PANIC_IF_HIT_MAIN_CONTROL", "1"},
+	{"TS_DEBUG_OMIT_LOCAL_ADDRS", "1"},
+}
+
+// LoopbackOnly configures this process's tailscale knobs so that tsnet nodes
+// created afterwards keep every packet on loopback: no local endpoints are
+// advertised, no port mapping is attempted, no logs are uploaded, and
+// connecting to Tailscale's public control plane panics rather than leaks.
+// It also disables policy routing sockets (netns), as tailscale's tests do.
+//
+// Knobs are read when nodes start, so call it before the first node starts.
+// It is idempotent.
+func LoopbackOnly() {
+	for _, kv := range loopbackKnobs {
+		envknob.Setenv(kv[0], kv[1])
+	}
+	netns.SetEnabled(false)
+}
+
+// Options configures an offline tailnet. The zero value is ready to use.
+type Options struct {
+	// Logf receives the control server's and DERP's logs. Nil discards them.
+	Logf logger.Logf
+	// SameUser puts every node under one tailnet user. By default each node
+	// gets a user of its own (user-N@fake-control.example.net), which makes
+	// identity checks meaningful.
+	SameUser bool
+	// RequireAuth makes nodes without an auth key go through interactive
+	// login: the control server hands out a login URL, and the node stays
+	// in NeedsLogin until [Net.CompleteAuth] is called with that URL.
+	RequireAuth bool
+	// AuthKey, if set, is the only auth key the control server accepts.
+	AuthKey string
+}
+
+// Net is a running offline tailnet. Close stops everything it started.
+type Net struct {
+	// ControlURL is the base URL of the control server, e.g.
+	// "http://127.0.0.1:41234". Pass it to nodes as their control URL.
+	ControlURL string
+	// DERPMap is the DERP map the control server hands to nodes.
+	DERPMap *tailcfg.DERPMap
+
+	control   *testcontrol.Server
+	closeOnce sync.Once
+	closers   []func()
+}
+
+// Start brings up an offline tailnet on 127.0.0.1 and returns once every
+// server is listening. It calls [LoopbackOnly] for this process.
+// The tailnet runs until ctx is done or Close is called.
+func Start(ctx context.Context, opts Options) (_ *Net, err error) {
+	LoopbackOnly()
+	logf := opts.Logf
+	if logf == nil {
+		logf = logger.Discard
+	}
+	n := &Net{}
+	defer func() {
+		if err != nil {
+			n.Close()
+		}
+	}()
+
+	stunCtx, stopSTUN := context.WithCancel(context.Background())
+	stun := stunserver.New(stunCtx)
+	if err := stun.Listen("127.0.0.1:0"); err != nil {
+		stopSTUN()
+		return nil, fmt.Errorf("devnet: STUN listen: %w", err)
+	}
+	stunDone := make(chan struct{})
+	go func() {
+		defer close(stunDone)
+		stun.Serve()
+	}()
+	n.closers = append(n.closers, func() { stopSTUN(); <-stunDone })
+	stunPort := stun.LocalAddr().(*net.UDPAddr).Port
+
+	derp := derpserver.New(key.NewNode(), logf)
+	derpLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		derp.Close()
+		return nil, fmt.Errorf("devnet: DERP listen: %w", err)
+	}
+	derpHTTP := httptest.NewUnstartedServer(derpserver.Handler(derp))
+	derpHTTP.Listener.Close()
+	derpHTTP.Listener = derpLn
+	derpHTTP.Config.ErrorLog = logger.StdLogger(logf)
+	// DERP upgrades the HTTP/1.1 connection; HTTP/2 would break that.
+	derpHTTP.Config.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){}
+	derpHTTP.StartTLS()
+	n.closers = append(n.closers, func() {
+		derpHTTP.CloseClientConnections()
+		derpHTTP.Close()
+		derp.Close()
+	})
+
+	n.DERPMap = &tailcfg.DERPMap{
+		Regions: map[int]*tailcfg.DERPRegion{
+			1: {
+				RegionID:   1,
+				RegionCode: "loopback",
+				RegionName: "Offline loopback DERP",
+				Nodes: []*tailcfg.DERPNode{{
+					Name:     "1a",
+					RegionID: 1,
+					HostName: "127.0.0.1",
+					IPv4:     "127.0.0.1",
+					IPv6:     "none",
+					STUNPort: stunPort,
+					DERPPort: derpLn.Addr().(*net.TCPAddr).Port,
+					// The DERP server's certificate is httptest's
+					// self-signed one; there is no CA to check it against.
+					InsecureForTests: true,
+					STUNTestIP:       "127.0.0.1",
+				}},
+			},
+		},
+	}
+
+	n.control = &testcontrol.Server{
+		DERPMap:          n.DERPMap,
+		DNSConfig:        &tailcfg.DNSConfig{Proxied: true},
+		MagicDNSDomain:   MagicDNSDomain,
+		AllNodesSameUser: opts.SameUser,
+		RequireAuth:      opts.RequireAuth,
+		RequireAuthKey:   opts.AuthKey,
+		// A non-nil TagOwners makes the control server honour the tags a
+		// node advertises (tsnet's AdvertiseTags) at sign-up.
+		TagOwners: map[string][]string{},
+		AllOnline: true,
+		Logf:      logf,
+	}
+	ctrlLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, fmt.Errorf("devnet: control listen: %w", err)
+	}
+	ctrlHTTP := httptest.NewUnstartedServer(n.control)
+	ctrlHTTP.Listener.Close()
+	ctrlHTTP.Listener = ctrlLn
+	ctrlHTTP.Config.ErrorLog = log.New(logWriter(logf), "", 0)
+	n.control.HTTPTestServer = ctrlHTTP
+	ctrlHTTP.Start()
+	n.closers = append(n.closers, func() {
+		ctrlHTTP.CloseClientConnections()
+		ctrlHTTP.Close()
+	})
+	n.ControlURL = ctrlHTTP.URL
+
+	if ctx.Done() != nil {
+		stop := context.AfterFunc(ctx, n.Close)
+		n.closers = append(n.closers, func() { stop() })
+	}
+	return n, nil
+}
+
+// Control returns the underlying test control server, for tests that need to
+// change the tailnet (complete a login, expire nodes, inspect nodes).
+func (n *Net) Control() *testcontrol.Server { return n.control }
+
+// CompleteAuth approves a pending interactive login, given the login URL a
+// node printed. It reports whether the URL was a pending login.
+func (n *Net) CompleteAuth(loginURL string) bool {
+	if n.control == nil {
+		return false
+	}
+	return n.control.CompleteAuth(loginURL)
+}
+
+// Close stops the control server, DERP and STUN, closing every connection
+// they hold. It is safe to call more than once.
+func (n *Net) Close() {
+	n.closeOnce.Do(func() {
+		for i := len(n.closers) - 1; i >= 0; i-- {
+			n.closers[i]()
+		}
+	})
+}
+
+// logWriter adapts a logger.Logf to an io.Writer for net/http's error log.
+type logWriter logger.Logf
+
+func (w logWriter) Write(p []byte) (int, error) {
+	if len(p) > 0 && p[len(p)-1] == '\n' {
+		p = p[:len(p)-1]
+	}
+	w("%s", p)
+	return len(p), nil
+}
+
