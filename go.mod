@@ -3,7 +3,11 @@ module github.com/tsdist/tsdist
 go 1.26.6
 
 require (
+	// SCM_RIGHTS, socketpair(2) and poll(2) for handing connections to the BEAM.
 	golang.org/x/sys v0.50.0
+	// Pinned: v1.102.5 is the newest release that builds here; every v1.104.x
+	// needs a gvisor version the Go module proxy refuses. It also sets the
+	// go directive (1.26.6). Move on only with a release that builds.
 	tailscale.com v1.102.5
 )
 

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The tsdist demo: an offline tailnet on loopback, two tsdist helpers (alpha
+# and beta) on it, and a client that listens through alpha and dials alpha by
+# name through beta, echoing through a connection it holds as a plain file
+# descriptor. Everything it starts is stopped by PID when it ends.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-bin}
+work=$(mktemp -d "${TMPDIR:-/tmp}/tsdist-demo.XXXXXX")
+pids=()
+cleanup() {
+	# Newest first: the helpers leave the tailnet while its control server
+	# is still there to hear it.
+	for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+		kill -TERM "${pids[i]}" 2>/dev/null || true
+		wait "${pids[i]}" 2>/dev/null || true
+	done
+	rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+wait_for() { # wait_for DESCRIPTION COMMAND...: poll up to 20 s
+	local what=$1; shift
+	for _ in $(seq 200); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
+	echo "demo: timed out waiting for $what" >&2
+	for f in "$work"/*.log; do echo "--- $f" >&2; cat "$f" >&2; done
+	return 1
+}
+
+echo "== starting the offline tailnet (control server, DERP and STUN on 127.0.0.1)"
+"$BIN/tsdist" devnet --url-file "$work/control-url" >"$work/devnet.log" 2>&1 &
+pids+=($!)
+wait_for "the offline tailnet" test -s "$work/control-url"
+url=$(cat "$work/control-url")
+echo "   control URL $url"
+
+for host in alpha beta; do
+	echo "== starting helper $host"
+	"$BIN/tsdist" serve --hostname "$host" --control-url "$url" --ephemeral \
+		--state-dir "$work/$host" --socket "$work/$host.sock" >"$work/$host.log" 2>&1 &
+	pids+=($!)
+done
+for host in alpha beta; do
+	wait_for "$host to join the tailnet" grep -q "running on the tailnet" "$work/$host.log"
+	sed 's/^/   /' "$work/$host.log"
+done
+
+echo "== the tailnet as beta sees it (tsdist status)"
+"$BIN/tsdist" status --socket "$work/beta.sock" | sed 's/^/   /'
+
+echo "== echo: listen through alpha, dial \"alpha\" through beta"
+"$BIN/echo" --serve-socket "$work/alpha.sock" --dial-socket "$work/beta.sock" --host alpha | sed 's/^/   /'
+echo "== done; stopping everything"

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Installs what tsdist needs on a Debian 12 machine, and nothing twice: run
+# it as often as you like; when everything is there it only checks.
+#
+#   scripts/install-deps.sh            # what the build, tests and demo need
+#   scripts/install-deps.sh --erlang   # ... plus Erlang/OTP and Elixir (apt)
+#
+# Go comes with the machine (/usr/local/go); the Go modules come from the
+# module proxy on first build. Erlang, Elixir and rebar3 come from Debian's
+# apt (OTP 25).
+set -euo pipefail
+
+want_erlang=0
+for arg in "$@"; do
+	case $arg in
+	--erlang) want_erlang=1 ;;
+	*) echo "install-deps: unknown option $arg" >&2; exit 2 ;;
+	esac
+done
+
+say() { echo "install-deps: $*" >&2; }
+
+as_root() {
+	if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=0
+apt_install() { # apt_install PACKAGE...: install those not yet installed
+	local missing=()
+	for p in "$@"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+	done
+	[ ${#missing[@]} -eq 0 ] && return 0
+	if [ $apt_updated -eq 0 ]; then
+		say "apt-get update"
+		as_root apt-get update -qq
+		apt_updated=1
+	fi
+	say "installing ${missing[*]}"
+	as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# Go 1.26 or newer.
+if ! command -v go >/dev/null 2>&1 && [ -x /usr/local/go/bin/go ]; then
+	export PATH=/usr/local/go/bin:$PATH
+fi
+if ! command -v go >/dev/null 2>&1; then
+	say "Go is missing: tsdist needs Go 1.26 or newer (this machine kind ships it in /usr/local/go)"
+	exit 1
+fi
+gov=$(go env GOVERSION | sed 's/^go//')
+case $gov in
+1.2[6-9]* | 1.[3-9]* | [2-9].*) ;;
+*) say "Go $gov is too old: tsdist needs Go 1.26 or newer"; exit 1 ;;
+esac
+
+# Tools the build and tests use.
+command -v make >/dev/null 2>&1 || apt_install make
+command -v gcc >/dev/null 2>&1 || apt_install gcc libc6-dev # go test -race needs cgo
+
+if [ $want_erlang -eq 1 ]; then
+	apt_install erlang-nox erlang-dev elixir rebar3
+fi
+
+# Go modules, so the first build does not look like a hang.
+if ! go mod download 2>/dev/null; then
+	say "could not download Go modules (is the module proxy reachable?)"
+	exit 1
+fi
+say "ok (go $gov$([ $want_erlang -eq 1 ] && echo ", $(erl -noshell -eval 'io:put_chars(erlang:system_info(otp_release)), halt().' 2>/dev/null | sed 's/^/OTP /')"))"
