@@ -232,20 +232,34 @@ func (n *Node) Dial(ctx context.Context, host string, port uint16) (net.Conn, er
 
 // Resolve finds the tailnet IP of host among this node and its peers.
 // A bare name matches a node's MagicDNS label or, failing that, its
-// hostname; a dotted name matches a MagicDNS name; an IP must be a tailnet
-// address. Matching ignores case and a trailing dot. IPv4 is preferred.
+// hostname; a dotted name matches a MagicDNS name; an IP must be the
+// tailnet address of one of those nodes. Matching ignores case and a
+// trailing dot. IPv4 is preferred.
 // Anything else fails with an error wrapping [ErrUnknownHost]; the system
 // resolver is never asked.
 func (n *Node) Resolve(ctx context.Context, host string) (netip.Addr, error) {
-	if ip, err := netip.ParseAddr(host); err == nil {
-		if !tsaddr.IsTailscaleIP(ip) {
-			return netip.Addr{}, fmt.Errorf("carrier: %s is not a tailnet address: %w", host, ErrUnknownHost)
-		}
-		return ip, nil
+	ip, ipErr := netip.ParseAddr(host)
+	if ipErr == nil && !tsaddr.IsTailscaleIP(ip) {
+		return netip.Addr{}, fmt.Errorf("carrier: %s is not a tailnet address: %w", host, ErrUnknownHost)
 	}
 	st, err := n.rawStatus(ctx)
 	if err != nil {
 		return netip.Addr{}, err
+	}
+	if ipErr == nil {
+		// An address in the tailnet's range that no node holds must not
+		// reach tsnet's dialer: for an IP it has no peer for, that dials
+		// through the host's own network stack, off the tailnet.
+		ip = ip.WithZone("")
+		if st.Self != nil && slices.Contains(st.Self.TailscaleIPs, ip) {
+			return ip, nil
+		}
+		for _, p := range st.Peer {
+			if slices.Contains(p.TailscaleIPs, ip) {
+				return ip, nil
+			}
+		}
+		return netip.Addr{}, fmt.Errorf("carrier: no node of the tailnet has address %s: %w", host, ErrUnknownHost)
 	}
 	want := strings.ToLower(strings.TrimSuffix(host, "."))
 	if want == "" {

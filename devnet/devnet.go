@@ -50,8 +50,13 @@ var loopbackKnobs = [][2]string{
 // It also disables policy routing sockets (netns), as tailscale's tests do.
 //
 // Knobs are read when nodes start, so call it before the first node starts.
-// It is idempotent.
-func LoopbackOnly() {
+// Only the first call does anything: later ones would race with the running
+// nodes that read the knobs.
+func LoopbackOnly() { loopbackOnce.Do(setLoopbackKnobs) }
+
+var loopbackOnce sync.Once
+
+func setLoopbackKnobs() {
 	for _, kv := range loopbackKnobs {
 		envknob.Setenv(kv[0], kv[1])
 	}
