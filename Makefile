@@ -5,7 +5,10 @@
 #   make build   bin/tsdist and the demo's client
 
 export PATH := /usr/local/go/bin:$(PATH)
-export GOFLAGS := -buildvcs=false
+# ts_omit_peerapiserver leaves tailscale's PeerAPI out of every binary: in a
+# tsnet node it would hold a TCP port open on the host, and tsdist needs
+# none of it. The tests build the helper with the same tags.
+export GOFLAGS := -buildvcs=false -tags=ts_omit_peerapiserver
 GO ?= go
 FUZZTIME ?= 10s
 

@@ -8,6 +8,7 @@ import (
 	"os"
 	"sync"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -91,6 +92,9 @@ func (r *FDReader) Read(p []byte) (int, error) {
 	if n == 0 && err == nil && len(p) > 0 {
 		err = io.EOF
 	}
+	if errors.Is(err, io.EOF) {
+		err = io.EOF // io.Reader's contract: a plain io.EOF at the end
+	}
 	return n, err
 }
 
@@ -152,9 +156,10 @@ type closeWriter interface {
 //
 // End of stream propagates as a half-close: when one side stops sending, the
 // other side's sending direction is shut down and the opposite direction
-// keeps flowing. A side that is closed outright (its socket closed, not just
-// shut down for writing), or any read or write error, tears the whole pair
-// down at once. Splice blocks; run it in its own goroutine.
+// keeps flowing. A local side that is closed outright (its socket closed,
+// not just shut down for writing, even long after the shutdown), or any read
+// or write error, tears the whole pair down. Splice blocks; run it in its
+// own goroutine.
 func Splice(tailnet net.Conn, near *net.UnixConn) {
 	var once sync.Once
 	teardown := func() {
@@ -163,26 +168,49 @@ func Splice(tailnet net.Conn, near *net.UnixConn) {
 			near.Close()
 		})
 	}
-	var wg sync.WaitGroup
-	wg.Add(2)
+	inboundDone := make(chan struct{})
 	go func() {
-		defer wg.Done()
+		defer close(inboundDone)
 		if copyHalf(near, tailnet) != nil {
 			teardown()
 		}
 	}()
-	go func() {
-		defer wg.Done()
-		err := copyHalf(tailnet, near)
-		if err == nil && peerClosed(near) {
-			err = errPeerClosed
-		}
-		if err != nil {
-			teardown()
-		}
-	}()
-	wg.Wait()
+	err := copyHalf(tailnet, near)
+	if err == nil {
+		err = awaitLocalClose(near, inboundDone)
+	}
+	if err != nil {
+		teardown()
+	}
+	<-inboundDone
 	teardown()
+}
+
+// hangupPoll is how often a half-closed local end is checked for having been
+// closed outright. Only connections whose local side shut down its writing
+// direction while still reading are checked; BEAM nodes close, they do not
+// half-close, so this is rare.
+const hangupPoll = 100 * time.Millisecond
+
+// awaitLocalClose waits, after the local side has shut down its writing
+// direction, until the inbound direction finishes (nil) or the local side
+// closes its end outright (errPeerClosed).
+func awaitLocalClose(near *net.UnixConn, inboundDone <-chan struct{}) error {
+	if peerClosed(near) {
+		return errPeerClosed
+	}
+	tick := time.NewTicker(hangupPoll)
+	defer tick.Stop()
+	for {
+		select {
+		case <-inboundDone:
+			return nil
+		case <-tick.C:
+			if peerClosed(near) {
+				return errPeerClosed
+			}
+		}
+	}
 }
 
 var errPeerClosed = errors.New("carrier: local end closed")

@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tsdist/tsdist/internal/leakcheck"
 )
 
 // pair returns the two ends of a Socketpair as *net.UnixConn: near as
@@ -129,6 +131,7 @@ func TestSendFDEmptyMessage(t *testing.T) {
 // another and checks the received descriptor is the same socket: bytes
 // written through it come out of the near end, and the other way round.
 func TestSendFDWorkingDescriptor(t *testing.T) {
+	leakcheck.Check(t)
 	ctlSend, ctlRecv := pair(t)
 	dataNear, dataFar, err := Socketpair()
 	if err != nil {
@@ -213,6 +216,7 @@ func readFramed(r io.Reader) ([]byte, error) {
 // announces one always gets that message's descriptor, whatever the reader's
 // buffer size (so however the stream is cut into recvmsg calls).
 func TestFDReaderOrder(t *testing.T) {
+	leakcheck.Check(t)
 	for _, bufSize := range []int{16, 100, 4096, 1 << 20} {
 		t.Run(fmt.Sprint("buf=", bufSize), func(t *testing.T) {
 			ctlSend, ctlRecv := pair(t)
@@ -284,6 +288,7 @@ func TestFDReaderOrder(t *testing.T) {
 // readable with the message's very first byte, and the whole message must
 // arrive intact.
 func TestSendFDLargeMessage(t *testing.T) {
+	leakcheck.Check(t)
 	ctlSend, ctlRecv := pair(t)
 	sndbuf, _ := unix.GetsockoptInt(fdOf(t, ctlSend), unix.SOL_SOCKET, unix.SO_SNDBUF)
 	msg := make([]byte, 8<<20)
@@ -382,6 +387,7 @@ func TestFDReaderStopsAtDescriptor(t *testing.T) {
 // FDReader's control buffer holds: Read must report the loss (MSG_CTRUNC)
 // and still queue the ones that fit.
 func TestFDReaderTruncated(t *testing.T) {
+	leakcheck.Check(t)
 	ctlSend, ctlRecv := pair(t)
 	var files []*os.File
 	var fds []int
@@ -418,7 +424,8 @@ func TestFDReaderTruncated(t *testing.T) {
 	}
 }
 
-func TestFDReaderEOFAndClose(t *testing.T) {
+func TestFDReaderClose(t *testing.T) {
+	leakcheck.Check(t)
 	ctlSend, ctlRecv := pair(t)
 	var files []*os.File
 	for range 3 {
@@ -438,19 +445,43 @@ func TestFDReaderEOFAndClose(t *testing.T) {
 	ctlSend.Close()
 	fr := NewFDReader(ctlRecv)
 	deadline(t, ctlRecv)
-	got, err := io.ReadAll(fr)
-	if err != nil || string(got) != "mmm" {
-		t.Fatalf("ReadAll = %q, %v", got, err)
+	var got []byte
+	buf := make([]byte, 16)
+	for {
+		n, err := fr.Read(buf)
+		got = append(got, buf[:n]...)
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				t.Fatalf("Read error %v; want end of stream", err)
+			}
+			break
+		}
 	}
-	if n, err := fr.Read(make([]byte, 1)); n != 0 || err != io.EOF {
-		t.Fatalf("Read at end = %d, %v; want 0, EOF", n, err)
+	if string(got) != "mmm" {
+		t.Fatalf("read %q", got)
 	}
-	if n, err := fr.Read(nil); n != 0 || err != nil {
-		t.Fatalf("Read(nil) = %d, %v; want 0, nil", n, err)
-	}
+	// Three descriptors are queued; Close closes them all.
 	fr.Close()
 	if f := fr.TakeFD(); f != nil {
 		t.Fatal("Close left a descriptor queued")
+	}
+}
+
+// TestFDReaderPlainEOF: FDReader implements io.Reader and, as that contract
+// asks, returns io.EOF itself at end of stream (io.ReadAll, io.Copy and
+// friends compare with ==), not the *net.OpError wrapping it that
+// ReadMsgUnix returns.
+func TestFDReaderPlainEOF(t *testing.T) {
+	ctlSend, ctlRecv := pair(t)
+	ctlSend.Write([]byte("data"))
+	ctlSend.Close()
+	fr := NewFDReader(ctlRecv)
+	defer fr.Close()
+	deadline(t, ctlRecv)
+	got, err := io.ReadAll(fr)
+	if err != nil || string(got) != "data" {
+		t.Fatalf("io.ReadAll = %q, %v; want \"data\", nil "+
+			"(Read must return io.EOF itself, not %T wrapping it)", got, err, err)
 	}
 }
 
@@ -462,6 +493,7 @@ func TestFDReaderEOFAndClose(t *testing.T) {
 // far is what the local client holds. done is closed when Splice returns.
 func splice(t *testing.T) (peer *net.TCPConn, far *net.UnixConn, done <-chan struct{}) {
 	t.Helper()
+	leakcheck.Check(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -682,9 +714,10 @@ func TestSpliceFarClosedWhilePeerSends(t *testing.T) {
 	waitDone(t, done, "the far end was closed during a transfer")
 }
 
-// TestSpliceFarHalfClosedThenClosed: shutdown(SHUT_WR) followed by close()
-// on the client's descriptor, with an idle peer. The close must still tear
-// the tailnet connection down, as a plain close() does.
+// TestSpliceFarHalfClosedThenClosed: shutdown(SHUT_WR) followed, later, by
+// close() on the client's descriptor, with an idle peer, tears the tailnet
+// connection down as a plain close() does: Splice keeps checking a
+// half-closed local end (every hangupPoll) for having been closed outright.
 func TestSpliceFarHalfClosedThenClosed(t *testing.T) {
 	peer, far, done := splice(t)
 	if err := far.CloseWrite(); err != nil {
@@ -695,8 +728,8 @@ func TestSpliceFarHalfClosedThenClosed(t *testing.T) {
 	select {
 	case <-done:
 	case <-time.After(3 * time.Second):
-		t.Fatal("KNOWN BUG (carrier/fdpass.go Splice): after shutdown(SHUT_WR) then close() on the client's descriptor, " +
-			"the tailnet connection stays open until the peer sends or closes; peerClosed is consulted only when the near end reads EOF")
+		t.Fatal("after shutdown(SHUT_WR) then close() on the client's descriptor, " +
+			"the tailnet connection stayed open with the peer idle; the close must tear it down")
 	}
 }
 

@@ -120,7 +120,10 @@ func (n *Node) Status(ctx context.Context) (Status, error) {
 		MagicDNSSuffix: st.MagicDNSSuffix,
 		Peers:          []Peer{},
 	}
-	if st.Self != nil {
+	// Before login tsnet reports the machine's hostname for itself, which
+	// is not the name this node will have on the tailnet.
+	out.Self = Peer{Hostname: n.cfg.Hostname, Node: n.cfg.Hostname, IPs: []string{}, Tags: []string{}}
+	if st.Self != nil && len(st.Self.TailscaleIPs) > 0 {
 		out.Self = peerOf(st, st.Self)
 	}
 	for _, p := range st.Peer {

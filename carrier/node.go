@@ -223,7 +223,14 @@ func (n *Node) Dial(ctx context.Context, host string, port uint16) (net.Conn, er
 	if err != nil {
 		return nil, err
 	}
-	c, err := n.ts.Dial(ctx, "tcp", netip.AddrPortFrom(addr, port).String())
+	// Straight into the userspace network stack: tsnet's own Dial would
+	// send an address it has no route for through the host's network,
+	// off the tailnet, should the peer leave between Resolve and here.
+	dialTCP := n.ts.Sys().Dialer.Get().NetstackDialTCP
+	if dialTCP == nil {
+		return nil, fmt.Errorf("carrier: dial %s:%d: tsnet has no userspace network stack", host, port)
+	}
+	c, err := dialTCP(ctx, netip.AddrPortFrom(addr, port))
 	if err != nil {
 		return nil, fmt.Errorf("carrier: dial %s:%d: %w", host, port, err)
 	}

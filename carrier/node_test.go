@@ -147,22 +147,27 @@ func TestListenDial(t *testing.T) {
 		t.Fatalf("Listen(0) gave address %v", ln.Addr())
 	}
 	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			return
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("hi " + c.RemoteAddr().String()))
+			c.Close()
 		}
-		defer c.Close()
-		c.Write([]byte("hi " + c.RemoteAddr().String()))
 	}()
-	c, err := beta.Dial(ctx, "alpha", port)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	buf := make([]byte, 64)
-	n, _ := c.Read(buf)
-	if got := string(buf[:n]); !strings.HasPrefix(got, "hi 100.64.") {
-		t.Errorf("read %q", got)
+	// From a peer, and from the node itself (two BEAM nodes on one host).
+	for _, from := range []*carrier.Node{beta, alpha} {
+		c, err := from.Dial(ctx, "alpha", port)
+		if err != nil {
+			t.Fatalf("dial alpha from %s: %v", from.Hostname(), err)
+		}
+		buf := make([]byte, 64)
+		n, _ := c.Read(buf)
+		c.Close()
+		if got := string(buf[:n]); !strings.HasPrefix(got, "hi 100.64.") {
+			t.Errorf("from %s: read %q", from.Hostname(), got)
+		}
 	}
 }
 

@@ -234,19 +234,20 @@ func decodeResponse(resp Response, result any, fdOut **os.File) error {
 		}
 		return resp.Error
 	}
-	if fdOut != nil {
-		if fd == nil {
-			return errors.New("control: response lacks the connection's descriptor")
-		}
-		*fdOut = fd
-	} else {
-		closeFile(fd)
-	}
 	if result != nil && len(resp.Result) > 0 {
 		if err := json.Unmarshal(resp.Result, result); err != nil {
+			closeFile(fd)
 			return fmt.Errorf("control: decode result: %w", err)
 		}
 	}
+	if fdOut == nil {
+		closeFile(fd)
+		return nil
+	}
+	if fd == nil {
+		return errors.New("control: response lacks the connection's descriptor")
+	}
+	*fdOut = fd
 	return nil
 }
 
@@ -295,15 +296,18 @@ func (c *Client) readLoop() {
 				return fmt.Errorf("control: bad response from helper: %w", err)
 			}
 			resp.fdFile = fd
+			// Delivered under the lock (ch is buffered), so a caller that
+			// gives up either finds the response or is never sent it.
 			c.mu.Lock()
 			ch, ok := c.pending[resp.ID]
 			delete(c.pending, resp.ID)
+			if ok {
+				ch <- resp
+			}
 			c.mu.Unlock()
 			if !ok {
 				closeFile(fd) // its request was abandoned
-				continue
 			}
-			ch <- resp
 		}
 	}()
 	c.mu.Lock()

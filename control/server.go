@@ -10,6 +10,7 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -186,6 +187,10 @@ func (c *client) serve() {
 			c.reply(0, nil, &Error{Code: CodeTooLarge, Message: err.Error()})
 			return
 		}
+		if errors.Is(err, ErrEmptyFrame) {
+			c.reply(0, nil, &Error{Code: CodeBadRequest, Message: "empty frame"})
+			continue
+		}
 		if err != nil {
 			return // end of stream or a broken connection
 		}
@@ -195,7 +200,7 @@ func (c *client) serve() {
 			c.s.logf("control: bad request: %s", perr.Message)
 			c.reply(req.ID, nil, perr)
 		case req.Op == OpHello:
-			hello = c.hello(req)
+			hello = c.hello(req) || hello // a failed repeat keeps the first
 		case !hello:
 			c.reply(req.ID, nil, &Error{Code: CodeHelloRequired, Message: "the first request must be hello"})
 		default:
@@ -238,7 +243,13 @@ func (c *client) hello(req Request) bool {
 	if st, err := c.s.node.Status(c.ctx); err == nil {
 		state = st.State
 	}
-	c.reply(req.ID, HelloResult{Version: Version, Helper: c.s.version, Hostname: c.s.node.Hostname(), State: state}, nil)
+	c.reply(req.ID, HelloResult{
+		Version:   Version,
+		Helper:    c.s.version,
+		Hostname:  c.s.node.Hostname(),
+		State:     state,
+		LocalOnly: carrier.KeepsToLoopback(),
+	}, nil)
 	return true
 }
 
@@ -254,10 +265,12 @@ func (c *client) handle(req Request) {
 			c.reply(req.ID, nil, &Error{Code: CodeBadRequest, Message: `whois needs "addr"`})
 			return
 		}
-		if !c.waitRunning(req.ID, c.ctx) {
+		ctx, cancel := c.requestContext(req)
+		defer cancel()
+		if !c.waitRunning(req.ID, ctx) {
 			return
 		}
-		id, err := c.s.node.WhoIs(c.ctx, req.Addr)
+		id, err := c.s.node.WhoIs(ctx, req.Addr)
 		c.replyErr(req.ID, id, err)
 	case OpListen:
 		c.listen(req)
@@ -284,8 +297,24 @@ func (c *client) waitRunning(id uint64, ctx context.Context) bool {
 	}
 }
 
+// requestContext is the context of a request that waits on the tailnet: it
+// ends with the connection, or after the request's timeout_ms (default
+// DefaultDialTime, at most MaxDialTime).
+func (c *client) requestContext(req Request) (context.Context, context.CancelFunc) {
+	limit := DefaultDialTime
+	if req.TimeoutMS > 0 {
+		limit = MaxDialTime
+		if int64(req.TimeoutMS) < MaxDialTime.Milliseconds() {
+			limit = time.Duration(req.TimeoutMS) * time.Millisecond
+		}
+	}
+	return context.WithTimeout(c.ctx, limit)
+}
+
 func (c *client) listen(req Request) {
-	if !c.waitRunning(req.ID, c.ctx) {
+	ctx, cancel := c.requestContext(req)
+	defer cancel()
+	if !c.waitRunning(req.ID, ctx) {
 		return
 	}
 	s := c.s
@@ -298,7 +327,11 @@ func (c *client) listen(req Request) {
 	s.mu.Unlock()
 	ln, err := s.node.Listen(uint16(req.Port))
 	if err != nil {
-		c.reply(req.ID, nil, &Error{Code: CodePortInUse, Message: err.Error()})
+		code := CodeInternal
+		if strings.Contains(err.Error(), "already open") || strings.Contains(err.Error(), "no available port") {
+			code = CodePortInUse
+		}
+		c.reply(req.ID, nil, &Error{Code: code, Message: err.Error()})
 		return
 	}
 	port := req.Port
@@ -313,8 +346,9 @@ func (c *client) listen(req Request) {
 	}
 	s.listeners[port] = &tailnetListener{owner: c, ln: ln}
 	s.mu.Unlock()
-	s.wg.Go(func() { c.acceptLoop(ln, port) })
+	// The answer goes first, so no accept event precedes it.
 	c.reply(req.ID, ListenResult{Port: port}, nil)
+	s.wg.Go(func() { c.acceptLoop(ln, port) })
 }
 
 func netipPort(a net.Addr) (int, error) {
@@ -372,22 +406,19 @@ func (c *client) dial(req Request) {
 		c.reply(req.ID, nil, &Error{Code: CodeBadRequest, Message: `dial needs "host" and a non-zero "port"`})
 		return
 	}
-	limit := DefaultDialTime
-	if req.TimeoutMS > 0 {
-		limit = min(time.Duration(req.TimeoutMS)*time.Millisecond, MaxDialTime)
-	}
-	ctx, cancel := context.WithTimeout(c.ctx, limit)
+	ctx, cancel := c.requestContext(req)
 	defer cancel()
 	if !c.waitRunning(req.ID, ctx) {
 		return
 	}
+	timedOut := func() bool { return ctx.Err() != nil && c.ctx.Err() == nil }
 	conn, err := c.s.node.Dial(ctx, req.Host, uint16(req.Port))
 	if err != nil {
 		switch {
 		case errors.Is(err, carrier.ErrUnknownHost):
 			c.reply(req.ID, nil, &Error{Code: CodeUnknownHost, Message: err.Error()})
-		case ctx.Err() != nil && c.ctx.Err() == nil:
-			c.reply(req.ID, nil, &Error{Code: CodeTimeout, Message: fmt.Sprintf("dial %s:%d: no connection within %v", req.Host, req.Port, limit)})
+		case timedOut():
+			c.reply(req.ID, nil, &Error{Code: CodeTimeout, Message: fmt.Sprintf("dial %s:%d: no connection in time: %v", req.Host, req.Port, err)})
 		default:
 			c.reply(req.ID, nil, &Error{Code: CodeDialFailed, Message: err.Error()})
 		}
@@ -396,7 +427,11 @@ func (c *client) dial(req Request) {
 	peer, err := c.s.node.WhoIs(ctx, conn.RemoteAddr().String())
 	if err != nil {
 		conn.Close()
-		c.reply(req.ID, nil, &Error{Code: CodeDialFailed, Message: fmt.Sprintf("dial %s:%d: connected to %v, which has no tailnet identity: %v", req.Host, req.Port, conn.RemoteAddr(), err)})
+		code := CodeDialFailed
+		if timedOut() {
+			code = CodeTimeout
+		}
+		c.reply(req.ID, nil, &Error{Code: code, Message: fmt.Sprintf("dial %s:%d: connected to %v, but found no tailnet identity for it: %v", req.Host, req.Port, conn.RemoteAddr(), err)})
 		return
 	}
 	resp := Response{ID: req.ID, OK: true, FD: true, Result: mustJSON(DialResult{Peer: peer})}
@@ -406,7 +441,8 @@ func (c *client) dial(req Request) {
 }
 
 // carry bridges conn to a new socketpair, sends msg with the far end's
-// descriptor to the client and splices until the connection ends. If the
+// descriptor to the client and starts splicing in a goroutine of its own
+// (so a dial's in-flight slot is free again once it is answered). If the
 // message cannot be sent, everything is closed.
 func (c *client) carry(conn net.Conn, msg any) error {
 	near, far, err := carrier.Socketpair()
@@ -426,19 +462,23 @@ func (c *client) carry(conn net.Conn, msg any) error {
 	}
 	s.bridges[b] = struct{}{}
 	s.mu.Unlock()
-	defer func() {
+	unregister := func() {
 		s.mu.Lock()
 		delete(s.bridges, b)
 		s.mu.Unlock()
-	}()
+	}
 	err = c.send(msg, far)
 	far.Close() // the client has its own copy now, or never will
 	if err != nil {
 		conn.Close()
 		near.Close()
+		unregister()
 		return err
 	}
-	carrier.Splice(conn, near)
+	s.wg.Go(func() {
+		defer unregister()
+		carrier.Splice(conn, near)
+	})
 	return nil
 }
 

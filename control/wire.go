@@ -123,6 +123,9 @@ type HelloResult struct {
 	Helper   string `json:"helper"`   // the helper's own version string
 	Hostname string `json:"hostname"` // the node's tailnet hostname
 	State    string `json:"state"`    // the node's backend state, "Running" once usable
+	// LocalOnly is true when the helper keeps every packet on loopback, as
+	// on the offline tailnet (see carrier.KeepsToLoopback).
+	LocalOnly bool `json:"local_only"`
 }
 
 // ListenResult is the result of listen.
@@ -148,10 +151,17 @@ type Stats struct {
 // ErrFrameTooLarge is returned by ReadFrame for a frame over its limit.
 var ErrFrameTooLarge = errors.New("control: frame too large")
 
+// ErrEmptyFrame is returned by ReadFrame for a frame of length zero. The
+// stream is still in step after it.
+var ErrEmptyFrame = errors.New("control: empty frame")
+
 // ReadFrame reads one frame's payload from r. It refuses, with
-// ErrFrameTooLarge and without reading the payload, a frame longer than max,
-// and an empty frame as malformed.
+// ErrFrameTooLarge and without reading the payload, a frame longer than max
+// (a negative max admits nothing), and with ErrEmptyFrame an empty one.
 func ReadFrame(r io.Reader, max int) ([]byte, error) {
+	if max < 0 {
+		max = 0
+	}
 	var hdr [4]byte
 	if _, err := io.ReadFull(r, hdr[:]); err != nil {
 		return nil, err
@@ -161,7 +171,7 @@ func ReadFrame(r io.Reader, max int) ([]byte, error) {
 		return nil, fmt.Errorf("%w: %d bytes, limit %d", ErrFrameTooLarge, n, max)
 	}
 	if n == 0 {
-		return nil, errors.New("control: empty frame")
+		return nil, ErrEmptyFrame
 	}
 	buf := make([]byte, n)
 	if _, err := io.ReadFull(r, buf); err != nil {

@@ -4,7 +4,7 @@
 //
 // It is what the tests and the demo run against. Nothing it starts listens on
 // or sends to any address outside 127.0.0.0/8, provided the tsnet nodes that
-// join it apply [LoopbackOnly] first (the tsdist helper does so by itself when
+// join it apply [carrier.KeepToLoopback] first (the tsdist helper does so by itself when
 // its control URL is on loopback).
 package devnet
 
@@ -18,9 +18,8 @@ import (
 	"net/http/httptest"
 	"sync"
 
+	"github.com/tsdist/tsdist/carrier"
 	"tailscale.com/derp/derpserver"
-	"tailscale.com/envknob"
-	"tailscale.com/net/netns"
 	"tailscale.com/net/stunserver"
 	"tailscale.com/tailcfg"
 	"tailscale.com/tstest/integration/testcontrol"
@@ -31,37 +30,6 @@ import (
 // MagicDNSDomain is the MagicDNS suffix of every node on the offline tailnet:
 // a node with hostname "alpha" is also "alpha.tsdist.test".
 const MagicDNSDomain = "tsdist.test"
-
-// loopbackKnobs are the environment knobs tailscale's own integration tests
-// set, plus TS_DEBUG_OMIT_LOCAL_ADDRS, without which a node advertises the
-// machine's non-loopback addresses as endpoints and sends disco packets there.
-var loopbackKnobs = [][2]string{
-	{"TS_NO_LOGS_NO_SUPPORT", "true"},
-	{"TS_DISABLE_PORTMAPPER", "1"},
-	{"TS_ASSUME_NETWORK_UP_FOR_TEST", "1"},
-	{"TS_PANIC_IF_HIT_MAIN_CONTROL", "1"},
-	{"TS_DEBUG_OMIT_LOCAL_ADDRS", "1"},
-}
-
-// LoopbackOnly configures this process's tailscale knobs so that tsnet nodes
-// created afterwards keep every packet on loopback: no local endpoints are
-// advertised, no port mapping is attempted, no logs are uploaded, and
-// connecting to Tailscale's public control plane panics rather than leaks.
-// It also disables policy routing sockets (netns), as tailscale's tests do.
-//
-// Knobs are read when nodes start, so call it before the first node starts.
-// Only the first call does anything: later ones would race with the running
-// nodes that read the knobs.
-func LoopbackOnly() { loopbackOnce.Do(setLoopbackKnobs) }
-
-var loopbackOnce sync.Once
-
-func setLoopbackKnobs() {
-	for _, kv := range loopbackKnobs {
-		envknob.Setenv(kv[0], kv[1])
-	}
-	netns.SetEnabled(false)
-}
 
 // Options configures an offline tailnet. The zero value is ready to use.
 type Options struct {
@@ -93,10 +61,10 @@ type Net struct {
 }
 
 // Start brings up an offline tailnet on 127.0.0.1 and returns once every
-// server is listening. It calls [LoopbackOnly] for this process.
+// server is listening. It calls [carrier.KeepToLoopback] for this process.
 // The tailnet runs until ctx is done or Close is called.
 func Start(ctx context.Context, opts Options) (_ *Net, err error) {
-	LoopbackOnly()
+	carrier.KeepToLoopback()
 	logf := opts.Logf
 	if logf == nil {
 		logf = logger.Discard
@@ -233,4 +201,3 @@ func (w logWriter) Write(p []byte) (int, error) {
 	w("%s", p)
 	return len(p), nil
 }
-

@@ -17,8 +17,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -77,17 +79,40 @@ func runMain(m *testing.M) (code int) {
 	if err != nil {
 		return fail("%v", err)
 	}
-	defer alpha.stopAndReport()
 	beta, err = startHelper("beta", filepath.Join(workDir, "beta"))
 	if err != nil {
+		alpha.stopAndReport()
 		return fail("%v", err)
 	}
-	defer beta.stopAndReport()
+	defer func() {
+		// Both at once; each must exit cleanly on SIGTERM.
+		var wg sync.WaitGroup
+		var failed atomic.Bool
+		for _, h := range []*helper{alpha, beta} {
+			wg.Go(func() {
+				if !h.stopAndReport() {
+					failed.Store(true)
+				}
+			})
+		}
+		wg.Wait()
+		if failed.Load() {
+			code = 1
+		}
+	}()
 	for _, h := range []*helper{alpha, beta} {
 		if err := h.waitRunning(ctx); err != nil {
 			h.dumpLog(os.Stderr)
 			return fail("%v", err)
 		}
+	}
+	// Running is not yet knowing the other: wait until each has the
+	// other in its netmap, so that every test can dial by name at once.
+	if err := alpha.waitPeer(ctx, "beta"); err != nil {
+		return fail("%v", err)
+	}
+	if err := beta.waitPeer(ctx, "alpha"); err != nil {
+		return fail("%v", err)
 	}
 	if testing.Verbose() {
 		fmt.Fprintf(os.Stderr, "TestMain: helper built in %v; alpha Running %v and beta Running %v after process start\n",
@@ -102,20 +127,29 @@ func runMain(m *testing.M) (code int) {
 	return code
 }
 
+// buildTags are the helper's build tags, as the Makefile sets them:
+// ts_omit_peerapiserver leaves out tailscale's PeerAPI, whose listener would
+// otherwise be a TCP port open on the host.
+const buildTags = "ts_omit_peerapiserver"
+
 // buildHelper builds ./cmd/tsdist from the module root into out; with the
 // race detector on in this test binary, the helper is built with it too.
 func buildHelper(out string) error {
-	gomod, err := exec.Command("go", "env", "GOMOD").Output()
+	gocmd, err := exec.LookPath("go")
+	if err != nil {
+		gocmd = filepath.Join(os.Getenv("GOROOT"), "bin", "go")
+	}
+	gomod, err := exec.Command(gocmd, "env", "GOMOD").Output()
 	if err != nil {
 		return fmt.Errorf("go env GOMOD: %w", err)
 	}
 	root := filepath.Dir(strings.TrimSpace(string(gomod)))
-	args := []string{"build", "-o", out}
+	args := []string{"build", "-tags", buildTags, "-o", out}
 	if raceEnabled {
 		args = append(args, "-race")
 	}
 	args = append(args, "./cmd/tsdist")
-	cmd := exec.Command("go", args...)
+	cmd := exec.Command(gocmd, args...)
 	cmd.Dir = root
 	if msg, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("go %s: %v\n%s", strings.Join(args, " "), err, msg)
@@ -163,16 +197,10 @@ func startHelper(hostname, dir string) (*helper, error) {
 		"--state-dir", filepath.Join(dir, "state"),
 		"--socket", h.socket,
 	)
-	// The helper keeps to loopback by itself for a loopback control URL;
-	// the knobs are set here as well so that nothing can leave the machine
-	// even if that detection broke.
-	cmd.Env = append(os.Environ(),
-		"TS_NO_LOGS_NO_SUPPORT=true",
-		"TS_DISABLE_PORTMAPPER=1",
-		"TS_ASSUME_NETWORK_UP_FOR_TEST=1",
-		"TS_PANIC_IF_HIT_MAIN_CONTROL=1",
-		"TS_DEBUG_OMIT_LOCAL_ADDRS=1",
-	)
+	// No tailscale knobs in the environment (devnet.Start has put them in
+	// this process's): the helper must keep to loopback by itself for a
+	// loopback control URL, and TestEndpointsLoopbackOnly checks that it does.
+	cmd.Env = slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, "TS_") })
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	// Should this test binary die, take the helper with it.
@@ -249,6 +277,33 @@ func (h *helper) waitRunning(ctx context.Context) error {
 	}
 }
 
+// waitPeer waits until the helper's node has peer in its netmap.
+func (h *helper) waitPeer(ctx context.Context, peer string) error {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	c, err := control.Dial(ctx, h.socket)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	for {
+		st, err := c.Status(ctx)
+		if err != nil {
+			return fmt.Errorf("%s waiting for peer %s: %w", h.name, peer, err)
+		}
+		for _, p := range st.Peers {
+			if p.Node == peer {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s never saw peer %s", h.name, peer)
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
 // terminate sends SIGTERM and waits up to timeout for the process to exit,
 // returning how it exited. If it does not exit in time it is killed, and an
 // error says so.
@@ -266,9 +321,16 @@ func (h *helper) terminate(timeout time.Duration) (*os.ProcessState, time.Durati
 	case <-h.done:
 		return h.cmd.ProcessState, time.Since(start), nil
 	case <-time.After(timeout):
-		h.cmd.Process.Kill()
-		<-h.done
-		return h.cmd.ProcessState, time.Since(start), fmt.Errorf("helper %s (pid %d) did not exit within %v of SIGTERM; killed", h.name, h.pid(), timeout)
+		// SIGQUIT makes a Go program dump its goroutines to stderr (the
+		// helper's log) and exit; SIGKILL if even that does not work.
+		h.cmd.Process.Signal(syscall.SIGQUIT)
+		select {
+		case <-h.done:
+		case <-time.After(3 * time.Second):
+			h.cmd.Process.Kill()
+			<-h.done
+		}
+		return h.cmd.ProcessState, time.Since(start), fmt.Errorf("helper %s (pid %d) did not exit within %v of SIGTERM; stopped with SIGQUIT (goroutine dump in its log)", h.name, h.pid(), timeout)
 	}
 }
 
@@ -284,22 +346,24 @@ func (h *helper) stop(timeout time.Duration) error {
 	return nil
 }
 
-func (h *helper) stopAndReport() {
-	if err := h.stop(5 * time.Second); err != nil {
-		fmt.Fprintf(os.Stderr, "TestMain: %v\n", err)
+// stopAndReport stops one of TestMain's helpers, which must exit cleanly
+// and promptly on SIGTERM like any other.
+func (h *helper) stopAndReport() bool {
+	start := time.Now()
+	if err := h.stop(8 * time.Second); err != nil {
+		fmt.Fprintf(os.Stderr, "TestMain: FAIL: %v\n", err)
 		h.dumpLog(os.Stderr)
+		return false
 	}
+	if testing.Verbose() {
+		fmt.Fprintf(os.Stderr, "TestMain: %s exited cleanly %v after SIGTERM\n", h.name, time.Since(start).Round(time.Millisecond))
+	}
+	return true
 }
 
 func (h *helper) dumpLog(w io.Writer) {
 	b, _ := os.ReadFile(h.logPath)
 	fmt.Fprintf(w, "---- log of helper %s (pid %d) ----\n%s---- end of log of %s ----\n", h.name, h.pid(), b, h.name)
-}
-
-// fdCount counts the helper's open descriptors from outside.
-func (h *helper) fdCount() (int, error) {
-	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", h.pid()))
-	return len(ents), err
 }
 
 // testContext is the per-test time limit.

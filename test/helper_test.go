@@ -62,6 +62,78 @@ func TestHelpersRunning(t *testing.T) {
 	}
 }
 
+// TestEndpointsLoopbackOnly checks that the helpers, started with no
+// tailscale knobs in their environment, keep to loopback by themselves
+// because their control URL is on loopback: they say so in hello, and the
+// control server's own records show only loopback endpoints for them.
+func TestEndpointsLoopbackOnly(t *testing.T) {
+	ctx := testContext(t, 20*time.Second)
+	for _, h := range []*helper{alpha, beta} {
+		c := dialControl(t, ctx, h)
+		if !c.Hello.LocalOnly {
+			t.Errorf("%s does not report local_only though its control URL is on loopback", h.name)
+		}
+		waitPeer(t, ctx, c, otherOf(h))
+	}
+	nodes := tailnet.Control().AllNodes()
+	if len(nodes) < 2 {
+		t.Fatalf("control server knows %d nodes; want at least alpha and beta", len(nodes))
+	}
+	for _, n := range nodes {
+		if len(n.Endpoints) == 0 {
+			t.Errorf("node %s advertises no endpoints at all", n.Name)
+		}
+		for _, ep := range n.Endpoints {
+			if !ep.Addr().IsLoopback() {
+				t.Errorf("node %s advertises endpoint %v, which is not on loopback", n.Name, ep)
+			}
+		}
+	}
+}
+
+// TestNoHostTCPListener checks the promise of no open ports: the helper
+// holds no listening TCP socket on the host (its tailnet listeners live in
+// the userspace network stack; tailscale's PeerAPI, which would listen on
+// the host, is built out).
+func TestNoHostTCPListener(t *testing.T) {
+	for _, h := range []*helper{alpha, beta} {
+		inodes := map[string]bool{}
+		fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", h.pid()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, fd := range fds {
+			target, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", h.pid(), fd.Name()))
+			if inode, ok := strings.CutPrefix(target, "socket:["); ok {
+				inodes[strings.TrimSuffix(inode, "]")] = true
+			}
+		}
+		if len(inodes) == 0 {
+			t.Fatalf("%s has no sockets at all; the check would prove nothing", h.name)
+		}
+		for _, table := range []string{"tcp", "tcp6"} {
+			data, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", h.pid(), table))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, line := range strings.Split(string(data), "\n")[1:] {
+				f := strings.Fields(line)
+				const listen = "0A"
+				if len(f) > 9 && f[3] == listen && inodes[f[9]] {
+					t.Errorf("%s listens on the host at %s (%s)", h.name, f[1], table)
+				}
+			}
+		}
+	}
+}
+
+func otherOf(h *helper) string {
+	if h == alpha {
+		return "beta"
+	}
+	return "alpha"
+}
+
 // TestEcho64MiB sends 64 MiB each way at once through beta -> tailnet ->
 // alpha, checking both streams by SHA-256, then ends both with a half-close.
 func TestEcho64MiB(t *testing.T) {
@@ -170,21 +242,30 @@ func TestHalfClose(t *testing.T) {
 	}
 }
 
-// TestConcurrentConnections runs 200 connections at once, each echoing its
-// own data; the accepting side answers with a write and a plain close.
+// TestConcurrentConnections opens 200 connections, and once all are open
+// has each echo its own data; the accepting side answers with a write and a
+// plain close. The dials go through several control connections, since one
+// may have only control.MaxInFlight requests pending.
 func TestConcurrentConnections(t *testing.T) {
 	ctx := testContext(t, 45*time.Second)
-	const conns = 200
-	a, b := dialControl(t, ctx, alpha), dialControl(t, ctx, beta)
+	const conns, dialers = 200, 4
+	a := dialControl(t, ctx, alpha)
+	bs := make([]*control.Client, dialers)
+	for i := range bs {
+		bs[i] = dialControl(t, ctx, beta)
+	}
 	port, err := a.Listen(ctx, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var serverErrs, clientErrs errList
 	var served sync.WaitGroup
+	acceptCtx, stopAccepting := context.WithCancel(ctx)
+	accepting := make(chan struct{})
 	go func() {
+		defer close(accepting)
 		for range conns {
-			c, err := a.Accept(ctx)
+			c, err := a.Accept(acceptCtx)
 			if err != nil {
 				serverErrs.add(fmt.Errorf("accept: %w", err))
 				return
@@ -203,16 +284,25 @@ func TestConcurrentConnections(t *testing.T) {
 			})
 		}
 	}()
-	var clients sync.WaitGroup
+	var clients, dialing sync.WaitGroup
+	allOpen := make(chan struct{})
+	dialing.Add(conns)
 	for i := range conns {
 		clients.Go(func() {
-			c, err := b.DialTailnet(ctx, "alpha", port, 20000)
+			c, err := bs[i%dialers].DialTailnet(ctx, "alpha", port, 20000)
+			dialing.Done()
 			if err != nil {
 				clientErrs.add(fmt.Errorf("conn %d: dial: %w", i, err))
 				return
 			}
 			defer c.Close()
 			deadlineFrom(ctx, c)
+			select {
+			case <-allOpen:
+			case <-ctx.Done():
+				clientErrs.add(fmt.Errorf("conn %d: %w waiting for the others to open", i, ctx.Err()))
+				return
+			}
 			data := randomBytes(uint64(100+i), 1000+i*97)
 			if _, err := c.Write(data); err != nil {
 				clientErrs.add(fmt.Errorf("conn %d: write: %w", i, err))
@@ -228,7 +318,19 @@ func TestConcurrentConnections(t *testing.T) {
 			}
 		})
 	}
+	dialing.Wait()
+	if st, err := bs[0].Stats(ctx); err != nil {
+		t.Error(err)
+	} else {
+		t.Logf("beta with %d connections open: %+v", conns, st)
+		if st.Bridges < conns-len(clientErrs.errs) {
+			t.Errorf("beta carries %d connections; want %d", st.Bridges, conns)
+		}
+	}
+	close(allOpen)
 	clients.Wait()
+	stopAccepting()
+	<-accepting
 	served.Wait()
 	clientErrs.report(t, "client")
 	serverErrs.report(t, "server")
@@ -240,6 +342,9 @@ func TestDialByName(t *testing.T) {
 	ctx := testContext(t, 30*time.Second)
 	a, b := dialControl(t, ctx, alpha), dialControl(t, ctx, beta)
 	sa, sb := selfOf(t, ctx, a), selfOf(t, ctx, b)
+	if sa.User == sb.User {
+		t.Fatalf("alpha and beta both belong to %q; the identity checks need different users", sa.User)
+	}
 	fqdn := "alpha." + devnet.MagicDNSDomain
 	hosts := []string{"alpha", "ALPHA", fqdn, fqdn + ".", "Alpha." + strings.ToUpper(devnet.MagicDNSDomain) + "."}
 	hosts = append(hosts, sa.IPs...) // the IPv4 and the IPv6 address
@@ -315,18 +420,19 @@ func TestDialErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// Names and addresses are checked against the netmap, locally: those
+	// fail at once. A refused connection takes a round trip on the tailnet.
+	const fast, roundTrip = 500 * time.Millisecond, 2 * time.Second
 	for _, tc := range []struct {
-		host   string
-		port   int
-		code   string
-		inMsg  string
-		within time.Duration
+		host  string
+		port  int
+		code  string
+		inMsg string
 	}{
 		{host: "nosuchnode", port: 80, code: control.CodeUnknownHost, inMsg: "nosuchnode"},
 		{host: "nosuchnode." + devnet.MagicDNSDomain, port: 80, code: control.CodeUnknownHost, inMsg: "nosuchnode." + devnet.MagicDNSDomain},
 		{host: "alpha.example.com", port: 80, code: control.CodeUnknownHost, inMsg: "alpha.example.com"},
 		{host: "127.0.0.1", port: 80, code: control.CodeUnknownHost, inMsg: "127.0.0.1"},
-		{host: "192.0.2.1", port: 80, code: control.CodeUnknownHost, inMsg: "192.0.2.1"},
 		{host: "::1", port: 80, code: control.CodeUnknownHost, inMsg: "::1"},
 		// In the tailnet's range, but no node's: never dialled at all.
 		{host: "100.64.0.250", port: 80, code: control.CodeUnknownHost, inMsg: "100.64.0.250"},
@@ -347,8 +453,12 @@ func TestDialErrors(t *testing.T) {
 		if ce := wantCode(t, what, err, tc.code); ce != nil && !strings.Contains(ce.Message, tc.inMsg) {
 			t.Errorf("%s: message %q does not mention %q", what, ce.Message, tc.inMsg)
 		}
-		if took > 500*time.Millisecond {
-			t.Errorf("%s: took %v to fail; want well under 1s", what, took)
+		limit := fast
+		if tc.code == control.CodeDialFailed {
+			limit = roundTrip
+		}
+		if took > limit {
+			t.Errorf("%s: took %v to fail; want at most %v", what, took, limit)
 		}
 	}
 }
@@ -512,7 +622,6 @@ func TestUnresponsivePeer(t *testing.T) {
 	dialed, accepted := connect(t, ctx, b, g, "gamma")
 	dialed.Close()
 	accepted.Close()
-	g.Close()
 
 	if err := gamma.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
@@ -542,7 +651,7 @@ func TestUnresponsivePeer(t *testing.T) {
 	}
 	// Proof the dials are in flight: the helper has grown by at least a
 	// goroutine per dial, and no client has had an answer.
-	busy := pollStats(t, ctx, b, 5*time.Second, func(s control.Stats) bool {
+	busy := pollStats(t, ctx, b, 5*time.Second, "a goroutine per dial in flight", func(s control.Stats) bool {
 		return s.Goroutines >= base.Goroutines+clients*dialsEach && s.Clients == base.Clients+clients
 	})
 	t.Logf("beta with %d dials in flight: %+v (settled: %+v)", clients*dialsEach, busy, base)
@@ -555,6 +664,18 @@ func TestUnresponsivePeer(t *testing.T) {
 	}
 	after := settledStats(t, ctx, b, &base)
 	t.Logf("beta after the clients left: %+v", after)
+
+	// One client may have control.MaxInFlight requests pending; the next
+	// is refused with busy at once.
+	r := dialRaw(t, ctx, beta)
+	r.hello()
+	for i := range control.MaxInFlight {
+		r.send(control.Request{ID: uint64(100 + i), Op: control.OpDial, Host: "gamma", Port: gPort, TimeoutMS: 60000})
+	}
+	resp := r.call(control.Request{ID: 999, Op: control.OpDial, Host: "gamma", Port: gPort, TimeoutMS: 60000})
+	wantErrResp(t, "a request beyond MaxInFlight", resp, control.CodeBusy)
+	r.conn.Close()
+	settledStats(t, ctx, b, &base)
 }
 
 // TestListenerClosesWithClient checks that a client's listeners go when its
@@ -587,7 +708,7 @@ func TestListenerClosesWithClient(t *testing.T) {
 	}
 	owner.Close()
 	// ... and not once it has gone. The helper notices asynchronously.
-	pollStats(t, ctx, a, 5*time.Second, func(s control.Stats) bool {
+	pollStats(t, ctx, a, 5*time.Second, "the listener and client gone", func(s control.Stats) bool {
 		return s.Listeners == before.Listeners && s.Clients == before.Clients
 	})
 	c, err = b.DialTailnet(ctx, "alpha", port, 2000)
@@ -628,6 +749,7 @@ func TestOpenCloseCycles(t *testing.T) {
 			served.Go(func() {
 				defer c.Close()
 				deadlineFrom(ctx, c)
+				defer context.AfterFunc(serveCtx, func() { c.Close() })()
 				buf := make([]byte, 4)
 				if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "ping" {
 					serverErrs.add(fmt.Errorf("read ping: %q, %v", buf, err))
@@ -732,10 +854,12 @@ func TestSIGTERM(t *testing.T) {
 	d := dialControl(t, ctx, delta)
 	a, b := dialControl(t, ctx, alpha), dialControl(t, ctx, beta)
 	waitPeer(t, ctx, b, "delta")
+	waitPeer(t, ctx, a, "delta")
 	waitPeer(t, ctx, d, "alpha")
+	waitPeer(t, ctx, d, "beta")
 	// delta accepting a connection from beta, and delta dialling alpha.
-	_, inbound := connect(t, ctx, b, d, "delta")
-	outbound, _ := connect(t, ctx, d, a, "alpha")
+	betaEnd, inbound := connect(t, ctx, b, d, "delta")
+	outbound, alphaEnd := connect(t, ctx, d, a, "alpha")
 
 	ps, took, err := delta.terminate(5 * time.Second)
 	if err != nil {
@@ -753,6 +877,18 @@ func TestSIGTERM(t *testing.T) {
 			t.Errorf("%s connection of the stopped helper: read %d bytes, %v; want EOF or an error", name, n, err)
 		}
 	}
+	// The far ends, on helpers that keep running, are not promised
+	// anything (the node may vanish before its FIN leaves); only logged.
+	var far sync.WaitGroup
+	for name, c := range map[string]*control.Conn{"beta's end of the accepted connection": betaEnd, "alpha's end of the dialled connection": alphaEnd} {
+		far.Go(func() {
+			start := time.Now()
+			c.SetReadDeadline(time.Now().Add(2 * time.Second))
+			n, err := c.Read(make([]byte, 10))
+			t.Logf("%s: read %d bytes, %v, after %v", name, n, err, time.Since(start).Round(time.Millisecond))
+		})
+	}
+	far.Wait()
 	if _, err := d.Status(ctx); err == nil {
 		t.Error("control connection to the stopped helper still answers")
 	}
@@ -871,20 +1007,20 @@ func waitPeer(t *testing.T, ctx context.Context, c *control.Client, node string)
 }
 
 // pollStats polls a helper's stats until ok holds, failing the test if it
-// does not within d.
-func pollStats(t *testing.T, ctx context.Context, c *control.Client, d time.Duration, ok func(control.Stats) bool) control.Stats {
+// does not within d; want says what ok wants, for the failure message.
+func pollStats(t *testing.T, ctx context.Context, c *control.Client, d time.Duration, want string, ok func(control.Stats) bool) control.Stats {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for {
 		st, err := c.Stats(ctx)
 		if err != nil {
-			t.Fatalf("stats: %v", err)
+			t.Fatalf("stats of %s: %v", c.Hello.Hostname, err)
 		}
 		if ok(st) {
 			return st
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
-			t.Fatalf("stats %+v did not reach the expected state within %v", st, d)
+			t.Fatalf("%s's stats are %+v after %v; want %s", c.Hello.Hostname, st, d, want)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -897,7 +1033,7 @@ func settledStats(t *testing.T, ctx context.Context, c *control.Client, base *co
 	t.Helper()
 	const slack = 10
 	if base == nil {
-		st := pollStats(t, ctx, c, 10*time.Second, func(s control.Stats) bool { return s.Bridges == 0 })
+		pollStats(t, ctx, c, 10*time.Second, "no bridges", func(s control.Stats) bool { return s.Bridges == 0 })
 		time.Sleep(200 * time.Millisecond) // let goroutines of closed connections finish
 		st, err := c.Stats(ctx)
 		if err != nil {
@@ -905,7 +1041,9 @@ func settledStats(t *testing.T, ctx context.Context, c *control.Client, base *co
 		}
 		return st
 	}
-	return pollStats(t, ctx, c, 10*time.Second, func(s control.Stats) bool {
+	want := fmt.Sprintf("no bridges, at most %d clients and %d listeners, at most %d goroutines and %d descriptors (baseline %+v plus %d)",
+		base.Clients, base.Listeners, base.Goroutines+slack, base.OpenFDs+slack, *base, slack)
+	return pollStats(t, ctx, c, 10*time.Second, want, func(s control.Stats) bool {
 		return s.Bridges == 0 && s.Clients <= base.Clients && s.Listeners <= base.Listeners &&
 			s.Goroutines <= base.Goroutines+slack && s.OpenFDs <= base.OpenFDs+slack
 	})

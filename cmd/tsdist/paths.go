@@ -34,7 +34,3 @@ func defaultStateDir(hostname string) (string, error) {
 	}
 	return filepath.Join(home, ".local", "state", "tsdist", hostname), nil
 }
-
-func filepathGlob(dir, pattern string) ([]string, error) {
-	return filepath.Glob(filepath.Join(dir, pattern))
-}

@@ -17,7 +17,7 @@ import (
 
 	"github.com/tsdist/tsdist/carrier"
 	"github.com/tsdist/tsdist/control"
-	"github.com/tsdist/tsdist/devnet"
+	"tailscale.com/feature/buildfeatures"
 )
 
 func runServe(args []string) error {
@@ -41,7 +41,7 @@ func runServe(args []string) error {
 		return usageError{err}
 	}
 	if *localOnly || isLoopbackURL(*controlURL) {
-		devnet.LoopbackOnly()
+		carrier.KeepToLoopback()
 	}
 	if *stateDir == "" {
 		d, err := defaultStateDir(*hostname)
@@ -73,11 +73,14 @@ func runServe(args []string) error {
 	if *verbose {
 		cfg.Logf = log.New(os.Stderr, "tsdist["+*hostname+"] tailscale: ", log.Lmicroseconds).Printf
 	}
+	if buildfeatures.HasPeerAPIServer {
+		say("warning: built without -tags ts_omit_peerapiserver, so tailscale's PeerAPI will hold a TCP port open on this host (it answers tailnet peers only); build with `make build` to leave it out")
+	}
 	node, err := carrier.New(cfg)
 	if err != nil {
 		return err
 	}
-	defer node.Close()
+	defer closeNode(node, say)
 
 	ln, err := listenControl(*socket)
 	if err != nil {
@@ -121,6 +124,29 @@ func runServe(args []string) error {
 	}
 }
 
+// nodeCloseTime bounds how long shutdown waits for the node to close.
+const nodeCloseTime = 3 * time.Second
+
+// closeNode closes the node, giving up after nodeCloseTime: tsnet's Close
+// can block for good. (tailscale v1.102.5: netstack's Close stops draining
+// its 512-packet outbound queue, then aborts every TCP endpoint still
+// connected, TIME_WAIT ones included, each abort queueing a RST; with more
+// than 512 such endpoints, as after a burst of closed connections, the
+// 513th waits forever.) The process is about to exit, which releases
+// whatever the node still holds.
+func closeNode(node *carrier.Node, say func(string, ...any)) {
+	done := make(chan struct{})
+	go func() {
+		node.Close()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(nodeCloseTime):
+		say("the tailnet node did not close within %v; exiting anyway", nodeCloseTime)
+	}
+}
+
 // isLoopbackURL reports whether a control URL names a loopback host, as the
 // offline tailnet's does.
 func isLoopbackURL(raw string) bool {
@@ -142,6 +168,14 @@ func listenControl(path string) (*net.UnixListener, error) {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("control socket dir: %w", err)
+	}
+	// The default directory is tsdist's own: make sure an older one is
+	// private too. A directory the user chose is left as it is; the
+	// socket's own 0600 mode still keeps other users out.
+	if dir == runtimeDir() {
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("control socket dir: %w", err)
+		}
 	}
 	if _, err := os.Stat(path); err == nil {
 		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -83,7 +84,7 @@ func resolveSocket(socket, hostname string) (string, error) {
 	case hostname != "":
 		return defaultSocket(hostname), nil
 	}
-	matches, _ := filepathGlob(runtimeDir(), "*.sock")
+	matches, _ := filepath.Glob(filepath.Join(runtimeDir(), "*.sock"))
 	switch len(matches) {
 	case 1:
 		return matches[0], nil
