@@ -2,21 +2,18 @@
 # Installs what tsdist needs on a Debian 12 machine, and nothing twice: run
 # it as often as you like; when everything is there it only checks.
 #
-#   scripts/install-deps.sh            # what the build, tests and demo need
-#   scripts/install-deps.sh --erlang   # ... plus Erlang/OTP and Elixir (apt)
+#   scripts/install-deps.sh
 #
 # Go comes with the machine (/usr/local/go); the Go modules come from the
-# module proxy on first build. Erlang, Elixir and rebar3 come from Debian's
-# apt (OTP 25).
+# module proxy on first build. Erlang (with epmd and OTP's sources of
+# erl_epmd, which the interop tests run against), Elixir and rebar3 come
+# from Debian's apt (OTP 25).
 set -euo pipefail
 
-want_erlang=0
-for arg in "$@"; do
-	case $arg in
-	--erlang) want_erlang=1 ;;
-	*) echo "install-deps: unknown option $arg" >&2; exit 2 ;;
-	esac
-done
+if [ $# -gt 0 ]; then
+	echo "install-deps: takes no options (got $*)" >&2
+	exit 2
+fi
 
 say() { echo "install-deps: $*" >&2; }
 
@@ -58,13 +55,13 @@ esac
 command -v make >/dev/null 2>&1 || apt_install make
 command -v gcc >/dev/null 2>&1 || apt_install gcc libc6-dev # go test -race needs cgo
 
-if [ $want_erlang -eq 1 ]; then
-	apt_install erlang-nox erlang-dev elixir rebar3
-fi
+# Erlang/OTP 25 and Elixir: the OTP side, and the real erl and epmd that
+# the EPMD interop tests talk to.
+apt_install erlang-nox erlang-dev elixir rebar3
 
 # Go modules, so the first build does not look like a hang.
 if ! go mod download 2>/dev/null; then
 	say "could not download Go modules (is the module proxy reachable?)"
 	exit 1
 fi
-say "ok (go $gov$([ $want_erlang -eq 1 ] && echo ", $(erl -noshell -eval 'io:put_chars(erlang:system_info(otp_release)), halt().' 2>/dev/null | sed 's/^/OTP /')"))"
+say "ok (go $gov, OTP $(erl -noshell -eval 'io:put_chars(erlang:system_info(otp_release)), halt().'))"
