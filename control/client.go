@@ -11,6 +11,7 @@ import (
 	"sync"
 
 	"github.com/tsdist/tsdist/carrier"
+	"github.com/tsdist/tsdist/epmd"
 )
 
 // Conn is a tailnet connection received from the helper: an ordinary Unix
@@ -169,6 +170,37 @@ func unixConn(f *os.File) (*net.UnixConn, error) {
 		return nil, fmt.Errorf("control: received descriptor is a %T, not a Unix socket", nc)
 	}
 	return uc, nil
+}
+
+// Register registers a node name on the helper's EPMD, so tailnet peers
+// find the node's distribution port by asking this host. The registration
+// lasts until Unregister or until the client closes. req.Op is ignored;
+// Name and Port are required.
+func (c *Client) Register(ctx context.Context, req Request) (uint32, error) {
+	req.Op = OpRegister
+	var res RegisterResult
+	err := c.call(ctx, req, &res)
+	return res.Creation, err
+}
+
+// Unregister ends a registration made by this client.
+func (c *Client) Unregister(ctx context.Context, name string) error {
+	return c.call(ctx, Request{Op: OpUnregister, Name: name}, nil)
+}
+
+// PortPlease asks the EPMD of a tailnet host for the node registered there
+// as name.
+func (c *Client) PortPlease(ctx context.Context, host, name string) (NodeInfo, error) {
+	var res NodeInfo
+	err := c.call(ctx, Request{Op: OpPortPlease, Host: host, Name: name}, &res)
+	return res, err
+}
+
+// Names lists the nodes registered on the EPMD of a tailnet host.
+func (c *Client) Names(ctx context.Context, host string) ([]epmd.NameEntry, error) {
+	var res NamesResult
+	err := c.call(ctx, Request{Op: OpNames, Host: host}, &res)
+	return res.Names, err
 }
 
 func (c *Client) call(ctx context.Context, req Request, result any) error {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"reflect"
 	"runtime"
 	"testing"
 	"time"
@@ -169,7 +170,7 @@ func FuzzParseRequest(f *testing.F) {
 			t.Fatalf("marshal %+v: %v", req, err)
 		}
 		back, perr := ParseRequest(again)
-		if perr != nil || back != req {
+		if perr != nil || !reflect.DeepEqual(back, req) {
 			t.Fatalf("round trip of %+v through %s: %+v, %v", req, again, back, perr)
 		}
 	})

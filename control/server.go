@@ -2,6 +2,7 @@ package control
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -15,6 +16,7 @@ import (
 	"time"
 
 	"github.com/tsdist/tsdist/carrier"
+	"github.com/tsdist/tsdist/epmd"
 	"tailscale.com/types/logger"
 )
 
@@ -31,13 +33,17 @@ const (
 )
 
 // Server serves the control protocol for one tailnet node. Every tailnet
-// listener and carried connection belongs to the control connection that
-// asked for it: when that connection closes, its listeners close with it
-// (carried connections, now owned by the client's descriptors, live on).
+// listener, EPMD registration and carried connection belongs to the control
+// connection that asked for it: when that connection closes, its listeners
+// and registrations go with it, as a node's name leaves a real EPMD when
+// the node dies (carried connections, now owned by the client's
+// descriptors, live on).
 type Server struct {
-	node    *carrier.Node
-	logf    logger.Logf
-	version string
+	node     *carrier.Node
+	logf     logger.Logf
+	version  string
+	registry *epmd.Registry
+	epmd     epmd.Client
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -68,10 +74,11 @@ func NewServer(node *carrier.Node, helperVersion string, logf logger.Logf) *Serv
 		logf = logger.Discard
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Server{
+	s := &Server{
 		node:      node,
 		logf:      logf,
 		version:   helperVersion,
+		registry:  epmd.NewRegistry(),
 		ctx:       ctx,
 		cancel:    cancel,
 		netLns:    map[net.Listener]struct{}{},
@@ -79,7 +86,23 @@ func NewServer(node *carrier.Node, helperVersion string, logf logger.Logf) *Serv
 		listeners: map[int]*tailnetListener{},
 		bridges:   map[*bridge]struct{}{},
 	}
+	s.epmd.Dial = func(ctx context.Context, addr string) (net.Conn, error) {
+		host, port, err := net.SplitHostPort(addr)
+		if err != nil {
+			return nil, err
+		}
+		p, err := strconv.ParseUint(port, 10, 16)
+		if err != nil {
+			return nil, err
+		}
+		return node.Dial(ctx, host, uint16(p))
+	}
+	return s
 }
+
+// Registry is the EPMD registry that register and unregister change: the
+// names this helper's EPMD server answers for.
+func (s *Server) Registry() *epmd.Registry { return s.registry }
 
 // ErrServerClosed is returned by Serve after Close.
 var ErrServerClosed = errors.New("control: server closed")
@@ -159,6 +182,7 @@ func (s *Server) Stats() Stats {
 	s.mu.Lock()
 	st := Stats{Clients: len(s.clients), Listeners: len(s.listeners), Bridges: len(s.bridges)}
 	s.mu.Unlock()
+	st.Registrations = len(s.registry.Names())
 	st.Goroutines = runtime.NumGoroutine()
 	if ents, err := os.ReadDir("/proc/self/fd"); err == nil {
 		st.OpenFDs = len(ents) - 1 // ReadDir's own descriptor
@@ -174,6 +198,10 @@ type client struct {
 	cancel   context.CancelFunc
 	inflight chan struct{}
 	wmu      sync.Mutex
+
+	regMu  sync.Mutex
+	regs   map[string]*epmd.Registration // by name
+	closed bool                          // regMu; no registration after close
 }
 
 func (c *client) serve() {
@@ -232,6 +260,13 @@ func (c *client) close() {
 		}
 	}
 	s.mu.Unlock()
+	c.regMu.Lock()
+	c.closed = true
+	for _, reg := range c.regs {
+		reg.Close()
+	}
+	c.regs = nil
+	c.regMu.Unlock()
 }
 
 func (c *client) hello(req Request) bool {
@@ -278,6 +313,14 @@ func (c *client) handle(req Request) {
 		c.unlisten(req)
 	case OpDial:
 		c.dial(req)
+	case OpRegister:
+		c.register(req)
+	case OpUnregister:
+		c.unregister(req)
+	case OpPortPlease:
+		c.portPlease(req)
+	case OpNames:
+		c.names(req)
 	default:
 		c.reply(req.ID, nil, &Error{Code: CodeUnknownOp, Message: fmt.Sprintf("unknown op %q", req.Op)})
 	}
@@ -533,4 +576,133 @@ func (c *client) send(msg any, fd *os.File) error {
 		c.conn.Close() // a half-written frame leaves the stream unusable
 	}
 	return err
+}
+
+// register adds a node name to this helper's EPMD for as long as the
+// control connection lives.
+func (c *client) register(req Request) {
+	n := epmd.Node{
+		Name:           req.Name,
+		Port:           uint16(req.Port),
+		Type:           epmd.NodeTypeNormal,
+		Protocol:       epmd.ProtocolTCP,
+		HighestVersion: uint16(cmp.Or(req.HighestVersion, DefaultHighestVersion)),
+		LowestVersion:  uint16(cmp.Or(req.LowestVersion, DefaultLowestVersion)),
+		Extra:          req.Extra,
+	}
+	if req.Hidden {
+		n.Type = epmd.NodeTypeHidden
+	}
+	if err := epmd.ValidName(n.Name); err != nil {
+		c.reply(req.ID, nil, &Error{Code: CodeInvalidName, Message: err.Error()})
+		return
+	}
+	if n.Port == 0 || len(n.Extra) > epmd.MaxExtraLen || n.LowestVersion > n.HighestVersion {
+		c.reply(req.ID, nil, &Error{Code: CodeBadRequest, Message: fmt.Sprintf(`register needs a non-zero "port", lowest_version <= highest_version and at most %d bytes of "extra"`, epmd.MaxExtraLen)})
+		return
+	}
+	c.regMu.Lock()
+	defer c.regMu.Unlock()
+	if c.closed {
+		return
+	}
+	reg, err := c.s.registry.Register(n)
+	switch {
+	case errors.Is(err, epmd.ErrNameTaken):
+		c.reply(req.ID, nil, &Error{Code: CodeNameTaken, Message: fmt.Sprintf("%s@%s is already registered by a live node: %v", n.Name, c.s.node.Hostname(), err)})
+		return
+	case err != nil:
+		c.reply(req.ID, nil, &Error{Code: CodeInternal, Message: err.Error()})
+		return
+	}
+	if c.regs == nil {
+		c.regs = make(map[string]*epmd.Registration)
+	}
+	c.regs[n.Name] = reg
+	c.reply(req.ID, RegisterResult{Creation: reg.Creation}, nil)
+}
+
+func (c *client) unregister(req Request) {
+	c.regMu.Lock()
+	reg, ok := c.regs[req.Name]
+	delete(c.regs, req.Name)
+	c.regMu.Unlock()
+	if !ok {
+		c.reply(req.ID, nil, &Error{Code: CodeNotRegistered, Message: fmt.Sprintf("this client has not registered %q", req.Name)})
+		return
+	}
+	reg.Close()
+	c.reply(req.ID, struct{}{}, nil)
+}
+
+// portPlease asks the EPMD of a tailnet host, over the tailnet, for a node's
+// registration. A lookup on this helper's own host goes over the tailnet
+// too, so it sees exactly what peers see.
+func (c *client) portPlease(req Request) {
+	if req.Host == "" {
+		c.reply(req.ID, nil, &Error{Code: CodeBadRequest, Message: `port_please needs "host" and "name"`})
+		return
+	}
+	if err := epmd.ValidName(req.Name); err != nil {
+		c.reply(req.ID, nil, &Error{Code: CodeInvalidName, Message: err.Error()})
+		return
+	}
+	ctx, cancel := c.requestContext(req)
+	defer cancel()
+	if !c.waitRunning(req.ID, ctx) {
+		return
+	}
+	n, err := c.s.epmd.PortPlease(ctx, req.Host, req.Name)
+	if err != nil {
+		c.reply(req.ID, nil, c.epmdError(ctx, req, err))
+		return
+	}
+	if n.Extra == nil {
+		n.Extra = []byte{} // "" rather than null in JSON
+	}
+	if n.Extra == nil {
+		n.Extra = []byte{} // "" rather than null in JSON
+	}
+	c.reply(req.ID, NodeInfo{
+		Name:           n.Name,
+		Host:           req.Host,
+		Port:           int(n.Port),
+		Hidden:         n.Type == epmd.NodeTypeHidden,
+		Protocol:       int(n.Protocol),
+		HighestVersion: int(n.HighestVersion),
+		LowestVersion:  int(n.LowestVersion),
+		Extra:          n.Extra,
+	}, nil)
+}
+
+// names lists the nodes registered on the EPMD of a tailnet host.
+func (c *client) names(req Request) {
+	if req.Host == "" {
+		c.reply(req.ID, nil, &Error{Code: CodeBadRequest, Message: `names needs "host"`})
+		return
+	}
+	ctx, cancel := c.requestContext(req)
+	defer cancel()
+	if !c.waitRunning(req.ID, ctx) {
+		return
+	}
+	names, err := c.s.epmd.Names(ctx, req.Host)
+	if err != nil {
+		c.reply(req.ID, nil, c.epmdError(ctx, req, err))
+		return
+	}
+	c.reply(req.ID, NamesResult{Host: req.Host, Names: names}, nil)
+}
+
+// epmdError maps a failed EPMD lookup to its error code.
+func (c *client) epmdError(ctx context.Context, req Request, err error) *Error {
+	switch {
+	case errors.Is(err, carrier.ErrUnknownHost):
+		return &Error{Code: CodeUnknownHost, Message: err.Error()}
+	case errors.Is(err, epmd.ErrNotRegistered):
+		return &Error{Code: CodeNotRegistered, Message: fmt.Sprintf("no node %q is registered on %s", req.Name, req.Host)}
+	case ctx.Err() != nil && c.ctx.Err() == nil:
+		return &Error{Code: CodeTimeout, Message: fmt.Sprintf("%s on %s: no answer in time: %v", req.Op, req.Host, err)}
+	}
+	return &Error{Code: CodeEPMDFailed, Message: err.Error()}
 }

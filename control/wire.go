@@ -20,6 +20,7 @@ import (
 	"os"
 
 	"github.com/tsdist/tsdist/carrier"
+	"github.com/tsdist/tsdist/epmd"
 )
 
 // Version is the protocol version this package speaks.
@@ -41,6 +42,11 @@ const (
 	OpUnlisten = "unlisten"
 	OpDial     = "dial"
 	OpStats    = "stats"
+	// EPMD: names registered on this helper, and lookups on tailnet hosts.
+	OpRegister   = "register"
+	OpUnregister = "unregister"
+	OpPortPlease = "port_please"
+	OpNames      = "names"
 )
 
 // EventAccept is the "event" of a message bringing an accepted connection.
@@ -61,6 +67,10 @@ const (
 	CodeNotListening  = "not_listening"       // unlisten of a port this client does not hold
 	CodeBusy          = "busy"                // too many requests in flight on this connection
 	CodeInternal      = "internal"            // the helper failed; the message says how
+	CodeInvalidName   = "invalid_name"        // a node name EPMD does not accept
+	CodeNameTaken     = "name_taken"          // register of a name a live registration holds
+	CodeNotRegistered = "not_registered"      // no node of that name on that host
+	CodeEPMDFailed    = "epmd_failed"         // the host's EPMD could not be reached or answered badly
 )
 
 // Request is a client's request. Which fields matter depends on Op; unknown
@@ -72,14 +82,29 @@ type Request struct {
 	// hello
 	Version int    `json:"version,omitempty"`
 	Client  string `json:"client,omitempty"`
-	// listen, unlisten, dial
+	// listen, unlisten, dial, register
 	Port int `json:"port,omitempty"`
-	// dial
-	Host      string `json:"host,omitempty"`
-	TimeoutMS int    `json:"timeout_ms,omitempty"`
+	// dial, port_please, names
+	Host string `json:"host,omitempty"`
+	// dial, whois, listen, port_please, names
+	TimeoutMS int `json:"timeout_ms,omitempty"`
 	// whois
 	Addr string `json:"addr,omitempty"`
+	// register, unregister, port_please
+	Name string `json:"name,omitempty"`
+	// register
+	Hidden         bool   `json:"hidden,omitempty"`
+	HighestVersion int    `json:"highest_version,omitempty"`
+	LowestVersion  int    `json:"lowest_version,omitempty"`
+	Extra          []byte `json:"extra,omitempty"`
 }
+
+// Distribution protocol versions a registration claims when the request
+// gives none: those of OTP 23 and later.
+const (
+	DefaultHighestVersion = 6
+	DefaultLowestVersion  = 5
+)
 
 // Response answers the request with the same ID. Exactly one of Result
 // (OK true) and Error (OK false) is set. FD marks a response that brings a
@@ -138,6 +163,32 @@ type DialResult struct {
 	Peer carrier.Identity `json:"peer"`
 }
 
+// RegisterResult is the result of register.
+type RegisterResult struct {
+	// Creation tells this incarnation of the name from earlier ones; a
+	// node uses it in its pids, ports and references.
+	Creation uint32 `json:"creation"`
+}
+
+// NodeInfo is the result of port_please: a node's registration on the EPMD
+// of a tailnet host.
+type NodeInfo struct {
+	Name           string `json:"name"`
+	Host           string `json:"host"` // the host as asked
+	Port           int    `json:"port"` // the node's distribution port on that host
+	Hidden         bool   `json:"hidden"`
+	Protocol       int    `json:"protocol"`
+	HighestVersion int    `json:"highest_version"`
+	LowestVersion  int    `json:"lowest_version"`
+	Extra          []byte `json:"extra"` // base64 in JSON; usually empty
+}
+
+// NamesResult is the result of names.
+type NamesResult struct {
+	Host  string           `json:"host"`
+	Names []epmd.NameEntry `json:"names"` // sorted as the host's EPMD sent them
+}
+
 // Stats is the result of stats: the helper's own resource use, for
 // operators and leak tests.
 type Stats struct {
@@ -145,7 +196,9 @@ type Stats struct {
 	OpenFDs    int `json:"open_fds"`
 	Clients    int `json:"clients"`   // control connections open
 	Listeners  int `json:"listeners"` // tailnet listeners open
-	Bridges    int `json:"bridges"`   // tailnet connections being carried
+	// Registrations counts the node names registered on this helper's EPMD.
+	Registrations int `json:"registrations"`
+	Bridges       int `json:"bridges"` // tailnet connections being carried
 }
 
 // ErrFrameTooLarge is returned by ReadFrame for a frame over its limit.
@@ -207,6 +260,9 @@ func ParseRequest(payload []byte) (Request, *Error) {
 	}
 	if req.Port < 0 || req.Port > 65535 {
 		return req, &Error{Code: CodeBadRequest, Message: fmt.Sprintf("port %d is out of range 0-65535", req.Port)}
+	}
+	if req.HighestVersion < 0 || req.HighestVersion > 65535 || req.LowestVersion < 0 || req.LowestVersion > 65535 {
+		return req, &Error{Code: CodeBadRequest, Message: "highest_version and lowest_version must be in 0-65535"}
 	}
 	if req.TimeoutMS < 0 {
 		return req, &Error{Code: CodeBadRequest, Message: "timeout_ms must not be negative"}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -240,7 +241,7 @@ func TestParseRequest(t *testing.T) {
 				if perr != nil {
 					t.Fatalf("ParseRequest(%s) = %v", tt.in, perr)
 				}
-				if got != tt.want {
+				if !reflect.DeepEqual(got, tt.want) {
 					t.Fatalf("ParseRequest(%s) = %+v; want %+v", tt.in, got, tt.want)
 				}
 				return

@@ -5,6 +5,7 @@
 //
 //	tsdist serve   --hostname alpha [--control-url URL] [--authkey KEY] ...
 //	tsdist status  [--socket PATH | --hostname alpha] [--json]
+//	tsdist names   HOST [--socket PATH | --hostname alpha] [--json]
 //	tsdist devnet  [--url-file FILE]
 //	tsdist version
 package main
@@ -29,6 +30,7 @@ func commands() []command {
 	return []command{
 		{"serve", "run one tailnet node and serve the control protocol on a Unix socket", runServe},
 		{"status", "print a helper's view of the tailnet", runStatus},
+		{"names", "print the node names registered on a tailnet host, like epmd -names", runNames},
 		{"devnet", "run an offline tailnet on loopback (control server, DERP, STUN)", runDevnet},
 		{"version", "print the version", func([]string) error { fmt.Println("tsdist", version); return nil }},
 	}
@@ -97,6 +99,26 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 		return usageError{fmt.Errorf("unexpected argument %q", fs.Arg(0))}
 	}
 	return nil
+}
+
+// parseFlagsWithArg parses flags around exactly one positional argument,
+// named what in errors, and returns it: `tsdist names beta --json` and
+// `tsdist names --json beta` both work.
+func parseFlagsWithArg(fs *flag.FlagSet, args []string, what string) (string, error) {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return "", err
+		}
+		return "", usageError{err}
+	}
+	if fs.NArg() == 0 {
+		return "", usageError{fmt.Errorf("missing %s", what)}
+	}
+	arg := fs.Arg(0)
+	if err := parseFlags(fs, fs.Args()[1:]); err != nil {
+		return "", err
+	}
+	return arg, nil
 }
 
 // envOr returns the first non-empty environment variable of names, or def.

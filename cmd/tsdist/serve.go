@@ -17,7 +17,9 @@ import (
 
 	"github.com/tsdist/tsdist/carrier"
 	"github.com/tsdist/tsdist/control"
+	"github.com/tsdist/tsdist/epmd"
 	"tailscale.com/feature/buildfeatures"
+	"tailscale.com/types/logger"
 )
 
 func runServe(args []string) error {
@@ -92,9 +94,14 @@ func runServe(args []string) error {
 	defer stop()
 
 	srv := control.NewServer(node, version, say)
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(ln) }()
+	served := make(chan error, 2) // the control socket's and EPMD's
+	go func() { served <- fmt.Errorf("control socket: %w", srv.Serve(ln)) }()
 	defer srv.Close()
+
+	// Every tailnet peer can reach the EPMD port, so its complaints are
+	// rate-limited: a flood of bad requests must not flood the log.
+	epmdSrv := &epmd.Server{Registry: srv.Registry(), Logf: logger.RateLimitedFn(say, time.Minute, 20, 100)}
+	defer epmdSrv.Close()
 
 	upErr := make(chan error, 1)
 	start := time.Now()
@@ -115,8 +122,17 @@ func runServe(args []string) error {
 			}
 			say("running on the tailnet as %s (%s) after %v; control socket %s",
 				st.Self.DNSName, strings.Join(st.Self.IPs, ", "), time.Since(start).Round(time.Millisecond), *socket)
+			epmdLn, err := node.Listen(epmd.DefaultPort)
+			if err != nil {
+				return fmt.Errorf("EPMD on the tailnet: %w", err)
+			}
+			go func() {
+				if err := epmdSrv.Serve(epmdLn); !errors.Is(err, epmd.ErrServerClosed) {
+					served <- fmt.Errorf("EPMD on the tailnet: %w", err)
+				}
+			}()
 		case err := <-served:
-			return fmt.Errorf("control socket: %w", err)
+			return err
 		case <-ctx.Done():
 			say("shutting down")
 			return nil

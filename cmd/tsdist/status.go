@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -16,20 +17,14 @@ import (
 
 func runStatus(args []string) error {
 	fs := newFlagSet("status", "[--socket PATH | --hostname NAME] [--json]")
-	socket := fs.String("socket", envOr("", "TSDIST_SOCKET"), "the helper's control socket `path` (env TSDIST_SOCKET)")
-	hostname := fs.String("hostname", envOr("", "TS_HOSTNAME"), "find the helper of tailnet node `NAME` at its default socket")
+	helper := addHelperFlags(fs)
 	asJSON := fs.Bool("json", false, "print the status as JSON")
-	timeout := fs.Duration("timeout", 10*time.Second, "give up after this long")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	path, err := resolveSocket(*socket, *hostname)
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	ctx, cancel := context.WithTimeout(context.Background(), helper.timeout)
 	defer cancel()
-	c, err := control.Dial(ctx, path)
+	c, err := helper.dial(ctx)
 	if err != nil {
 		return err
 	}
@@ -73,6 +68,29 @@ func runStatus(args []string) error {
 		row(p, false)
 	}
 	return w.Flush()
+}
+
+// helperFlags are the flags of a command that talks to a running helper.
+type helperFlags struct {
+	socket, hostname string
+	timeout          time.Duration
+}
+
+func addHelperFlags(fs *flag.FlagSet) *helperFlags {
+	h := new(helperFlags)
+	fs.StringVar(&h.socket, "socket", envOr("", "TSDIST_SOCKET"), "the helper's control socket `path` (env TSDIST_SOCKET)")
+	fs.StringVar(&h.hostname, "hostname", envOr("", "TS_HOSTNAME"), "find the helper of tailnet node `NAME` at its default socket")
+	fs.DurationVar(&h.timeout, "timeout", 10*time.Second, "give up after this long")
+	return h
+}
+
+// dial connects to the helper the flags name.
+func (h *helperFlags) dial(ctx context.Context) (*control.Client, error) {
+	path, err := resolveSocket(h.socket, h.hostname)
+	if err != nil {
+		return nil, err
+	}
+	return control.Dial(ctx, path)
 }
 
 // resolveSocket picks the control socket: the one given, the default one of
