@@ -311,7 +311,7 @@ func TestWireNames(t *testing.T) {
 		{Event{Event: EventAccept, FD: true, ListenerPort: 7}, `{"event":"accept","fd":true,"listener_port":7,"peer":null}`},
 		{HelloResult{Version: 1, Helper: "v", Hostname: "h", State: "Running", LocalOnly: true}, `{"version":1,"helper":"v","hostname":"h","state":"Running","local_only":true}`},
 		{ListenResult{Port: 9}, `{"port":9}`},
-		{Stats{Goroutines: 1, OpenFDs: 2, Clients: 3, Listeners: 4, Bridges: 5}, `{"goroutines":1,"open_fds":2,"clients":3,"listeners":4,"bridges":5}`},
+		{Stats{Goroutines: 1, OpenFDs: 2, Clients: 3, Listeners: 4, Registrations: 6, Bridges: 5}, `{"goroutines":1,"open_fds":2,"clients":3,"listeners":4,"registrations":6,"bridges":5}`},
 	}
 	for _, tt := range tests {
 		got, err := json.Marshal(tt.v)
