@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log"
 	"net"
 	"net/netip"
@@ -33,6 +34,7 @@ func runServe(args []string) error {
 	socket := fs.String("socket", envOr("", "TSDIST_SOCKET"), "control socket `path` (env TSDIST_SOCKET); default "+filepath.Join(runtimeDir(), "NAME.sock"))
 	localOnly := fs.Bool("local-only", false, "keep every packet on loopback (implied when the control URL is on loopback)")
 	verbose := fs.Bool("verbose", false, "print tailscale's own logs to stderr")
+	exitWithStdin := fs.Bool("exit-with-stdin", false, "shut down when standard input closes, so a parent that starts the helper as a port program takes it down when it dies")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -92,6 +94,13 @@ func runServe(args []string) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	if *exitWithStdin {
+		go func() {
+			io.Copy(io.Discard, os.Stdin)
+			say("standard input closed")
+			stop()
+		}()
+	}
 
 	srv := control.NewServer(node, version, say)
 	served := make(chan error, 2) // the control socket's and EPMD's

@@ -1,0 +1,505 @@
+%%% The node's link to its tsdist helper.
+%%%
+%%% This process owns the tailnet side of a node: it starts the `tsdist
+%%% serve' helper as a port program (or attaches to a running helper's
+%%% control socket), speaks the helper's control protocol
+%%% (docs/control-protocol.md) over a Unix socket, and turns every tailnet
+%%% connection the helper passes (a file descriptor, over SCM_RIGHTS) into an
+%%% ordinary inet-driver port with `gen_tcp:fdopen/2', so the emulator's own
+%%% distribution fast path drives it.
+%%%
+%%% It starts before net_kernel, as the early child `tailscale_dist'
+%%% declares in `childspecs/0', and it is the only process that reads the
+%%% control socket. Descriptors are paired with messages as the protocol
+%%% requires (a FIFO of received descriptors, popped per `"fd": true'
+%%% message), and every descriptor becomes a port at once: a port that
+%%% nobody takes is closed, so no descriptor leaks.
+%%%
+%%% Configuration, each from the application environment of `tsdist' (in
+%%% sys.config, or `-tsdist Key Value' on the command line) or else from the
+%%% OS environment; the defaults make `erl -proto_dist tailscale
+%%% -start_epmd false -sname app@alpha' enough on its own:
+%%%
+%%%   helper       TSDIST_HELPER   the tsdist executable; default `tsdist'
+%%%                                on $PATH
+%%%   socket       TSDIST_SOCKET   attach to the helper serving this control
+%%%                                socket instead of starting one
+%%%   control_url  TS_CONTROL_URL  coordination server; default Tailscale's
+%%%   authkey      TS_AUTHKEY      auth key
+%%%   state_dir    TS_STATE_DIR    default ./tsdist/HOSTNAME (under the
+%%%                                node's working directory)
+%%%   ephemeral    TS_EPHEMERAL    true or 1 to leave the tailnet on exit
+%%%   tags         TS_TAGS         comma-separated ACL tags to advertise
+%%%   up_timeout   TSDIST_UP_TIMEOUT  ms to wait for the tailnet at boot;
+%%%                                default 60000
+%%%
+%%% The tailnet hostname is the host part of the node name (`alpha' for
+%%% `app@alpha' and for `app@alpha.example.ts.net').
+-module(tailscale_helper).
+-behaviour(gen_server).
+
+-export([start_link/0, hostname/0, hello/0,
+         listen/1, set_acceptor/2, dial/3,
+         register_node/3, port_please/3, names/2, status/0, whois/1,
+         request/2]).
+-export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+
+-type peer() :: #{binary() => term()}.
+-type proto_error() :: {binary(), binary()} | {atom(), term()}.
+-export_type([peer/0, proto_error/0]).
+
+-include_lib("kernel/include/file.hrl").
+
+-define(CTRL_BUF, 64).       % holds CMSG_SPACE of several descriptors
+-define(MAX_FRAME, 16#1000000). % the protocol's MaxResponseSize
+-define(CONNECT_TIMEOUT, 10000).
+-define(PROTOCOL_VERSION, 1).
+
+%%% API
+
+-spec start_link() -> {ok, pid()} | {error, term()}.
+start_link() ->
+    gen_server:start_link({local, ?MODULE}, ?MODULE, [], [{timeout, infinity}]).
+
+%% The tailnet hostname of this node.
+-spec hostname() -> string().
+hostname() ->
+    gen_server:call(?MODULE, hostname).
+
+%% The helper's answer to hello, as a map.
+-spec hello() -> map().
+hello() ->
+    gen_server:call(?MODULE, hello).
+
+%% Listens on a tailnet port (0: any) and returns the port. Accepted
+%% connections go to the process named with set_acceptor/2.
+-spec listen(0..65535) -> {ok, 1..65535} | {error, proto_error()}.
+listen(Port) ->
+    case request(#{op => listen, port => Port, timeout_ms => up_timeout()}, up_timeout() + 5000) of
+        {ok, #{<<"port">> := P}} -> {ok, P};
+        {error, _} = E -> E
+    end.
+
+%% Sends connections accepted on Port to Pid as
+%% `{tailscale_accept, Socket, Peer}', Socket owned by Pid.
+-spec set_acceptor(1..65535, pid()) -> ok.
+set_acceptor(Port, Pid) ->
+    gen_server:call(?MODULE, {set_acceptor, Port, Pid}).
+
+%% Opens a tailnet connection; the socket is owned by the caller.
+-spec dial(string() | binary(), 1..65535, pos_integer()) ->
+          {ok, inet:socket(), peer()} | {error, proto_error()}.
+dial(Host, Port, TimeoutMs) ->
+    request(#{op => dial, host => to_bin(Host), port => Port, timeout_ms => TimeoutMs},
+            TimeoutMs + 5000).
+
+%% Registers Name on this host's tailnet EPMD for as long as this process
+%% lives.
+-spec register_node(string() | atom(), 1..65535, boolean()) ->
+          {ok, pos_integer()} | {error, duplicate_name | proto_error()}.
+register_node(Name, Port, Hidden) ->
+    case request(#{op => register, name => to_bin(Name), port => Port, hidden => Hidden}, 15000) of
+        {ok, #{<<"creation">> := Creation}} -> {ok, Creation};
+        {error, {<<"name_taken">>, _}} -> {error, duplicate_name};
+        {error, _} = E -> E
+    end.
+
+%% Asks the tailnet EPMD of Host for node Name.
+-spec port_please(string() | atom(), string() | binary(), pos_integer()) ->
+          {ok, 1..65535, non_neg_integer()} | {error, proto_error()}.
+port_please(Name, Host, TimeoutMs) ->
+    case request(#{op => port_please, name => to_bin(Name), host => to_bin(Host),
+                   timeout_ms => TimeoutMs}, TimeoutMs + 5000) of
+        {ok, #{<<"port">> := Port, <<"highest_version">> := Version}} -> {ok, Port, Version};
+        {error, _} = E -> E
+    end.
+
+%% Lists the nodes registered on the tailnet EPMD of Host.
+-spec names(string() | binary(), pos_integer()) ->
+          {ok, [{string(), 1..65535}]} | {error, proto_error()}.
+names(Host, TimeoutMs) ->
+    case request(#{op => names, host => to_bin(Host), timeout_ms => TimeoutMs}, TimeoutMs + 5000) of
+        {ok, #{<<"names">> := Names}} ->
+            {ok, [{unicode:characters_to_list(N), P} || #{<<"name">> := N, <<"port">> := P} <- Names]};
+        {error, _} = E -> E
+    end.
+
+%% The helper's view of the tailnet.
+-spec status() -> {ok, map()} | {error, proto_error()}.
+status() ->
+    request(#{op => status}, 15000).
+
+%% The tailnet identity behind an address ("IP" or "IP:port").
+-spec whois(string() | binary()) -> {ok, peer()} | {error, proto_error()}.
+whois(Addr) ->
+    request(#{op => whois, addr => to_bin(Addr)}, 15000).
+
+%% Sends one control-protocol request (a map without id) and waits for its
+%% result. A result that brings a descriptor comes back as
+%% {ok, Socket, Peer}.
+-spec request(map(), timeout()) ->
+          {ok, map()} | {ok, inet:socket(), peer()} | {error, proto_error()}.
+request(Req, Timeout) ->
+    try gen_server:call(?MODULE, {request, Req}, Timeout)
+    catch exit:{noproc, _} -> {error, {helper_not_running, ?MODULE}};
+          exit:{timeout, _} -> {error, {timeout, maps:get(op, Req)}}
+    end.
+
+%%% gen_server
+
+-record(st, {
+    sock :: socket:socket(),
+    helper :: port() | undefined,   % the helper we started, if any
+    hostname :: string(),
+    hello :: map(),
+    buf = <<>> :: binary(),
+    fds = queue:new() :: queue:queue(integer()),
+    next_id = 2 :: pos_integer(),
+    pending = #{} :: #{pos_integer() => {gen_server:from(), term()}},
+    acceptors = #{} :: #{pos_integer() => pid()},
+    select = undefined :: term()
+}).
+
+-spec init([]) -> {ok, #st{}} | {stop, term()}.
+init([]) ->
+    process_flag(trap_exit, true),
+    Hostname = tailnet_hostname(),
+    case connect(Hostname) of
+        {ok, Sock, Helper} ->
+            case hello_exchange(Sock) of
+                {ok, Hello} ->
+                    St = #st{sock = Sock, helper = Helper, hostname = Hostname, hello = Hello},
+                    {ok, read_more(St)};
+                {error, Reason} ->
+                    stop_helper(Helper),
+                    {stop, {tailscale_helper, Reason}}
+            end;
+        {error, Reason} ->
+            logger:error("tsdist: cannot reach the tailnet: ~tp", [Reason]),
+            {stop, {tailscale_helper, Reason}}
+    end.
+
+-spec handle_call(term(), gen_server:from(), #st{}) -> {reply, term(), #st{}} | {noreply, #st{}}.
+handle_call(hostname, _From, St) ->
+    {reply, St#st.hostname, St};
+handle_call(hello, _From, St) ->
+    {reply, St#st.hello, St};
+handle_call({set_acceptor, Port, Pid}, _From, St) ->
+    {reply, ok, St#st{acceptors = (St#st.acceptors)#{Port => Pid}}};
+handle_call({request, Req}, From, #st{next_id = Id} = St) ->
+    case send_frame(St#st.sock, Req#{id => Id}) of
+        ok ->
+            Pending = (St#st.pending)#{Id => From},
+            {noreply, St#st{next_id = Id + 1, pending = Pending}};
+        {error, Reason} ->
+            {reply, {error, {control_socket, Reason}}, St}
+    end.
+
+-spec handle_cast(term(), #st{}) -> {noreply, #st{}}.
+handle_cast(_Msg, St) ->
+    {noreply, St}.
+
+-spec handle_info(term(), #st{}) -> {noreply, #st{}} | {stop, term(), #st{}}.
+handle_info({'$socket', Sock, select, Ref}, #st{sock = Sock, select = Ref} = St) ->
+    try {noreply, read_more(St#st{select = undefined})}
+    catch throw:{control_broken, Reason} -> {stop, {tailscale_helper, Reason}, St}
+    end;
+handle_info({Helper, {data, {_, Line}}}, #st{helper = Helper} = St) ->
+    logger:notice("~ts", [Line]),
+    {noreply, St};
+handle_info({Helper, {exit_status, Status}}, #st{helper = Helper} = St) ->
+    logger:error("tsdist: the helper exited with status ~p", [Status]),
+    {stop, {tailscale_helper, {helper_exited, Status}}, St#st{helper = undefined}};
+handle_info({'EXIT', Helper, Reason}, #st{helper = Helper} = St) ->
+    {stop, {tailscale_helper, {helper_exited, Reason}}, St#st{helper = undefined}};
+handle_info(_Msg, St) ->
+    {noreply, St}.
+
+-spec terminate(term(), #st{}) -> ok.
+terminate(_Reason, St) ->
+    _ = socket:close(St#st.sock),
+    stop_helper(St#st.helper),
+    ok.
+
+%%% Reading the control socket
+
+%% Reads whatever is there, handles every complete message, and arms a
+%% select for the rest.
+read_more(St) ->
+    case socket:recvmsg(St#st.sock, 0, ?CTRL_BUF, [], nowait) of
+        {ok, Msg} ->
+            read_more(handle_msg(Msg, St));
+        {select, {select_info, _, Ref}} ->
+            St#st{select = Ref};
+        {error, Reason} ->
+            throw({control_broken, {control_socket, Reason}})
+    end.
+
+handle_msg(#{iov := Iov} = Msg, St) ->
+    case lists:member(ctrunc, maps:get(flags, Msg, [])) of
+        true -> throw({control_broken, descriptors_lost});
+        false -> ok
+    end,
+    Fds = lists:foldl(fun(Fd, Q) -> queue:in(Fd, Q) end, St#st.fds,
+                      [Fd || #{level := socket, type := rights, data := D} <- maps:get(ctrl, Msg, []),
+                             <<Fd:32/signed-native>> <= D]),
+    frames(St#st{buf = iolist_to_binary([St#st.buf | Iov]), fds = Fds}).
+
+frames(#st{buf = <<Len:32, _/binary>>}) when Len > ?MAX_FRAME ->
+    throw({control_broken, {frame_too_large, Len}});
+frames(#st{buf = <<Len:32, Payload:Len/binary, Rest/binary>>} = St) ->
+    case tailscale_json:decode(Payload) of
+        {ok, Msg} when is_map(Msg) ->
+            frames(dispatch(Msg, St#st{buf = Rest}));
+        Other ->
+            throw({control_broken, {bad_message, Other}})
+    end;
+frames(St) ->
+    St.
+
+%% Every message that announces a descriptor takes the oldest one received.
+take_fd(#{<<"fd">> := true}, St) ->
+    case queue:out(St#st.fds) of
+        {{value, Fd}, Q} -> {fd_socket(Fd), St#st{fds = Q}};
+        {empty, _} -> throw({control_broken, missing_descriptor})
+    end;
+take_fd(_, St) ->
+    {none, St}.
+
+fd_socket(Fd) ->
+    case gen_tcp:fdopen(Fd, [local, list, {active, false}]) of
+        {ok, S} -> S;
+        {error, Reason} -> throw({control_broken, {fdopen, Fd, Reason}})
+    end.
+
+dispatch(#{<<"event">> := <<"accept">>} = Ev, St0) ->
+    {Sock, St} = take_fd(Ev, St0),
+    Port = maps:get(<<"listener_port">>, Ev, 0),
+    case maps:find(Port, St#st.acceptors) of
+        {ok, Pid} when Sock =/= none ->
+            hand_over(Sock, Pid, {tailscale_accept, Sock, maps:get(<<"peer">>, Ev, #{})});
+        _ ->
+            close(Sock)
+    end,
+    St;
+dispatch(#{<<"event">> := _} = Ev, St0) ->
+    {Sock, St} = take_fd(Ev, St0),
+    close(Sock),
+    St;
+dispatch(#{<<"id">> := Id} = Resp, St0) ->
+    {Sock, St} = take_fd(Resp, St0),
+    case maps:take(Id, St#st.pending) of
+        {From, Pending} ->
+            reply(From, Resp, Sock),
+            St#st{pending = Pending};
+        error ->
+            close(Sock),
+            St
+    end.
+
+reply(From, #{<<"ok">> := true} = Resp, none) ->
+    gen_server:reply(From, {ok, maps:get(<<"result">>, Resp, #{})});
+reply({Pid, _} = From, #{<<"ok">> := true} = Resp, Sock) ->
+    Peer = maps:get(<<"peer">>, maps:get(<<"result">>, Resp, #{}), #{}),
+    case gen_tcp:controlling_process(Sock, Pid) of
+        ok -> gen_server:reply(From, {ok, Sock, Peer});
+        {error, Reason} -> close(Sock), gen_server:reply(From, {error, {handover, Reason}})
+    end;
+reply(From, Resp, Sock) ->
+    close(Sock),
+    Err = maps:get(<<"error">>, Resp, #{}),
+    gen_server:reply(From, {error, {maps:get(<<"code">>, Err, <<"internal">>),
+                                    maps:get(<<"message">>, Err, <<>>)}}).
+
+hand_over(Sock, Pid, Msg) ->
+    case gen_tcp:controlling_process(Sock, Pid) of
+        ok -> Pid ! Msg;
+        {error, _} -> close(Sock)
+    end.
+
+close(none) -> ok;
+close(Sock) -> _ = gen_tcp:close(Sock), ok.
+
+send_frame(Sock, Map) ->
+    Payload = tailscale_json:encode_to_binary(Map),
+    socket:send(Sock, [<<(byte_size(Payload)):32>>, Payload]).
+
+%%% Starting or attaching to the helper
+
+connect(Hostname) ->
+    case config(socket, "TSDIST_SOCKET", undefined) of
+        undefined ->
+            Path = default_socket(Hostname),
+            case connect_socket(Path) of
+                {ok, Sock} -> {ok, Sock, undefined};     % a helper for this host already runs
+                {error, _} -> spawn_helper(Hostname, Path)
+            end;
+        Path ->
+            case connect_socket(Path) of
+                {ok, Sock} -> {ok, Sock, undefined};
+                {error, Reason} -> {error, {no_helper_at, Path, Reason}}
+            end
+    end.
+
+connect_socket(Path) ->
+    {ok, Sock} = socket:open(local, stream, default),
+    case socket:connect(Sock, #{family => local, path => Path}) of
+        ok -> {ok, Sock};
+        {error, _} = E -> _ = socket:close(Sock), E
+    end.
+
+spawn_helper(Hostname, SocketPath) ->
+    case helper_executable() of
+        {ok, Exe} ->
+            StateDir = config(state_dir, "TS_STATE_DIR",
+                              filename:join([element(2, prim_file:get_cwd()), "tsdist", Hostname])),
+            Args = ["serve", "--hostname", Hostname, "--socket", SocketPath,
+                    "--state-dir", StateDir, "--exit-with-stdin"]
+                ++ opt_arg("--control-url", config(control_url, "TS_CONTROL_URL", undefined))
+                ++ opt_arg("--authkey", config(authkey, "TS_AUTHKEY", undefined))
+                ++ opt_arg("--tags", config(tags, "TS_TAGS", undefined))
+                ++ case lists:member(config(ephemeral, "TS_EPHEMERAL", "false"), ["true", "1", true]) of
+                       true -> ["--ephemeral"];
+                       false -> []
+                   end,
+            Port = open_port({spawn_executable, Exe},
+                             [{args, Args}, exit_status, use_stdio, stderr_to_stdout,
+                              {line, 4096}, hide]),
+            wait_for_socket(Port, SocketPath, erlang:monotonic_time(millisecond) + ?CONNECT_TIMEOUT, []);
+        {error, _} = E ->
+            E
+    end.
+
+%% The helper creates its socket within milliseconds of starting; until then
+%% connect fails, and an early exit is reported with what the helper said.
+wait_for_socket(Port, Path, Deadline, Said) ->
+    receive
+        {Port, {data, {_, Line}}} ->
+            logger:notice("~ts", [Line]),
+            wait_for_socket(Port, Path, Deadline, [Line | Said]);
+        {Port, {exit_status, Status}} ->
+            {error, {helper_exited, Status, lists:reverse(Said)}}
+    after 20 ->
+        case connect_socket(Path) of
+            {ok, Sock} ->
+                {ok, Sock, Port};
+            {error, _} ->
+                case erlang:monotonic_time(millisecond) > Deadline of
+                    true -> stop_helper(Port), {error, {no_control_socket, Path, lists:reverse(Said)}};
+                    false -> wait_for_socket(Port, Path, Deadline, Said)
+                end
+        end
+    end.
+
+stop_helper(undefined) -> ok;
+stop_helper(Port) ->
+    %% Closing its stdin is the helper's signal to shut down cleanly.
+    catch port_close(Port),
+    ok.
+
+hello_exchange(Sock) ->
+    ok = send_frame(Sock, #{id => 1, op => hello, version => ?PROTOCOL_VERSION,
+                            client => <<"tailscale_dist">>}),
+    case recv_frame(Sock, <<>>, erlang:monotonic_time(millisecond) + ?CONNECT_TIMEOUT) of
+        {ok, #{<<"id">> := 1, <<"ok">> := true, <<"result">> := Hello}} -> {ok, Hello};
+        {ok, #{<<"error">> := #{<<"code">> := C, <<"message">> := M}}} -> {error, {hello, C, M}};
+        {error, _} = E -> E
+    end.
+
+%% The hello answer brings no descriptor, and nothing else comes before it.
+recv_frame(Sock, Buf, Deadline) ->
+    case Buf of
+        <<Len:32, Payload:Len/binary, _/binary>> -> tailscale_json:decode(Payload);
+        _ ->
+            Left = max(0, Deadline - erlang:monotonic_time(millisecond)),
+            case socket:recv(Sock, 0, Left) of
+                {ok, Data} -> recv_frame(Sock, <<Buf/binary, Data/binary>>, Deadline);
+                {error, Reason} -> {error, {hello, Reason}}
+            end
+    end.
+
+%%% Configuration
+
+helper_executable() ->
+    case config(helper, "TSDIST_HELPER", undefined) of
+        undefined ->
+            Path = string:lexemes(os:getenv("PATH", ""), ":"),
+            case [Exe || Dir <- Path, Exe <- [filename:join(Dir, "tsdist")], is_executable(Exe)] of
+                [Exe | _] -> {ok, Exe};
+                [] -> {error, {no_helper, "tsdist is not on $PATH; set TSDIST_HELPER or the tsdist application's helper"}}
+            end;
+        Exe ->
+            case is_executable(Exe) of
+                true -> {ok, filename:join(element(2, prim_file:get_cwd()), Exe)};
+                false -> {error, {no_helper, Exe, "not an executable file"}}
+            end
+    end.
+
+%% Distribution starts before the file server, so this asks prim_file.
+is_executable(File) ->
+    case prim_file:read_file_info(File) of
+        {ok, #file_info{type = regular, mode = Mode}} -> Mode band 8#111 =/= 0;
+        _ -> false
+    end.
+
+%% application env, then OS env, then Default.
+config(Key, EnvVar, Default) ->
+    _ = application:load(tsdist),
+    case application:get_env(tsdist, Key) of
+        {ok, V} -> V;
+        undefined ->
+            case os:getenv(EnvVar) of
+                false -> Default;
+                "" -> Default;
+                V -> V
+            end
+    end.
+
+up_timeout() ->
+    case config(up_timeout, "TSDIST_UP_TIMEOUT", 60000) of
+        T when is_integer(T) -> T;
+        T -> list_to_integer(T)
+    end.
+
+opt_arg(_, undefined) -> [];
+opt_arg(Flag, Value) -> [Flag, to_list(Value)].
+
+%% Where `tsdist serve' puts the socket of a hostname by default, so a
+%% second node on this host finds a helper the first one started.
+default_socket(Hostname) ->
+    Dir = case os:getenv("XDG_RUNTIME_DIR") of
+              D when D =:= false; D =:= "" ->
+                  filename:join("/tmp", "tsdist-" ++ uid());
+              D -> filename:join(D, "tsdist")
+          end,
+    filename:join(Dir, Hostname ++ ".sock").
+
+%% The owner of /proc/self is this process's user.
+uid() ->
+    {ok, Info} = prim_file:read_file_info("/proc/self"),
+    integer_to_list(Info#file_info.uid).
+
+%% The host part of the node name given on the command line, first label
+%% only: the tailnet hostname.
+tailnet_hostname() ->
+    hd(string:split(node_host(), ".")).
+
+node_host() ->
+    Arg = case init:get_argument(sname) of
+              {ok, [[N | _] | _]} -> N;
+              _ -> case init:get_argument(name) of
+                       {ok, [[N | _] | _]} -> N;
+                       _ -> ""
+                   end
+          end,
+    case string:split(Arg, "@") of
+        [_, Host] when Host =/= "" -> Host;
+        _ -> {ok, H} = inet:gethostname(), H
+    end.
+
+to_bin(B) when is_binary(B) -> B;
+to_bin(A) when is_atom(A) -> atom_to_binary(A, utf8);
+to_bin(L) when is_list(L) -> unicode:characters_to_binary(L).
+
+to_list(B) when is_binary(B) -> binary_to_list(B);
+to_list(L) when is_list(L) -> L.
