@@ -45,7 +45,9 @@
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -type peer() :: #{binary() => term()}.
--type proto_error() :: {binary(), binary()} | {atom(), term()}.
+%% {Code, Message}: a protocol error code (docs/control-protocol.md,
+%% section 8) as an atom, and the helper's explanation.
+-type proto_error() :: {atom(), term()}.
 -export_type([peer/0, proto_error/0]).
 
 -include_lib("kernel/include/file.hrl").
@@ -100,7 +102,7 @@ dial(Host, Port, TimeoutMs) ->
 register_node(Name, Port, Hidden) ->
     case request(#{op => register, name => to_bin(Name), port => Port, hidden => Hidden}, 15000) of
         {ok, #{<<"creation">> := Creation}} -> {ok, Creation};
-        {error, {<<"name_taken">>, _}} -> {error, duplicate_name};
+        {error, {name_taken, _}} -> {error, duplicate_name};
         {error, _} = E -> E
     end.
 
@@ -308,8 +310,9 @@ reply({Pid, _} = From, #{<<"ok">> := true} = Resp, Sock) ->
 reply(From, Resp, Sock) ->
     close(Sock),
     Err = maps:get(<<"error">>, Resp, #{}),
-    gen_server:reply(From, {error, {maps:get(<<"code">>, Err, <<"internal">>),
-                                    maps:get(<<"message">>, Err, <<>>)}}).
+    %% Codes are the protocol's fixed set (section 8), so atoms are safe.
+    Code = binary_to_atom(maps:get(<<"code">>, Err, <<"internal">>), utf8),
+    gen_server:reply(From, {error, {Code, maps:get(<<"message">>, Err, <<>>)}}).
 
 hand_over(Sock, Pid, Msg) ->
     case gen_tcp:controlling_process(Sock, Pid) of
