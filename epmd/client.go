@@ -22,6 +22,18 @@ const MaxNamesResponse = 1 << 20
 // deadline.
 const DefaultClientTimeout = 10 * time.Second
 
+// defaultClientTimeout is DefaultClientTimeout; tests shorten it.
+var defaultClientTimeout = DefaultClientTimeout
+
+// withDefaultTimeout bounds ctx by defaultClientTimeout when it has no
+// deadline of its own.
+func withDefaultTimeout(ctx context.Context) (context.Context, context.CancelFunc) {
+	if _, ok := ctx.Deadline(); ok {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, defaultClientTimeout)
+}
+
 // Client asks EPMD servers about the nodes on their hosts.
 type Client struct {
 	// Dial opens a TCP connection to addr ("host:port"). nil dials with a
@@ -70,7 +82,8 @@ func (c *Client) Names(ctx context.Context, host string) ([]NameEntry, error) {
 }
 
 // Register registers n with the EPMD on host, as a starting node does. The
-// registration lasts until the returned connection's Close.
+// registration lasts until the returned connection's Close. ctx bounds the
+// registration handshake only (DefaultClientTimeout if it has no deadline).
 func (c *Client) Register(ctx context.Context, host string, n Node) (*ClientRegistration, error) {
 	if err := ValidName(n.Name); err != nil {
 		return nil, err
@@ -78,10 +91,14 @@ func (c *Client) Register(ctx context.Context, host string, n Node) (*ClientRegi
 	if len(n.Extra) > MaxExtraLen {
 		return nil, fmt.Errorf("epmd: register %q: extra of %d bytes, more than %d", n.Name, len(n.Extra), MaxExtraLen)
 	}
+	ctx, cancel := withDefaultTimeout(ctx)
+	defer cancel()
 	conn, err := c.dial(ctx, host)
 	if err != nil {
 		return nil, fmt.Errorf("epmd: register %s@%s: %w", n.Name, host, err)
 	}
+	deadline, _ := ctx.Deadline()
+	conn.SetDeadline(deadline)
 	stop := context.AfterFunc(ctx, func() { conn.SetDeadline(time.Now()) })
 	creation, err := func() (uint32, error) {
 		if _, err := conn.Write(appendAlive2Request(nil, n)); err != nil {
@@ -89,7 +106,12 @@ func (c *Client) Register(ctx context.Context, host string, n Node) (*ClientRegi
 		}
 		return readAlive2Response(conn)
 	}()
-	stop()
+	if !stop() && err == nil {
+		// ctx ended just as the answer came: the AfterFunc may set its
+		// deadline after the one below, so this connection is not ours
+		// to hand back as it is.
+		err = context.Cause(ctx)
+	}
 	if err != nil {
 		conn.Close()
 		return nil, fmt.Errorf("epmd: register %s@%s: %w", n.Name, host, err)
@@ -123,11 +145,8 @@ func (c *Client) dial(ctx context.Context, host string) (net.Conn, error) {
 
 // exchange sends one request to the EPMD on host and reads its answer.
 func (c *Client) exchange(ctx context.Context, host string, req []byte, read func(io.Reader) error) error {
-	if _, ok := ctx.Deadline(); !ok {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, DefaultClientTimeout)
-		defer cancel()
-	}
+	ctx, cancel := withDefaultTimeout(ctx)
+	defer cancel()
 	conn, err := c.dial(ctx, host)
 	if err != nil {
 		return err
@@ -184,7 +203,7 @@ func readPort2Response(r io.Reader) (Node, error) {
 	if hdr[1] != 0 {
 		return Node{}, ErrNotRegistered
 	}
-	var fixed [10]byte
+	var fixed [8]byte
 	if _, err := io.ReadFull(r, fixed[:]); err != nil {
 		return Node{}, fmt.Errorf("%w: PORT2_RESP: %w", ErrMalformed, noEOF(err))
 	}

@@ -14,6 +14,7 @@
 package epmd
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -187,8 +188,14 @@ func parseRequest(b []byte) (request, error) {
 		if len(name) > 0 && name[len(name)-1] == 0 {
 			name = name[:len(name)-1]
 		}
-		if err := ValidName(string(name)); err != nil {
-			return nil, fmt.Errorf("PORT_PLEASE2_REQ: %w", err)
+		// Like real EPMD, close on a name that no EPMD could hold (empty,
+		// NUL, not UTF-8, over 255 characters) but answer "not registered"
+		// for any other, even one ValidName refuses: that is the truth.
+		switch {
+		case len(name) == 0:
+			return nil, fmt.Errorf("%w: PORT_PLEASE2_REQ with an empty name", ErrMalformed)
+		case bytes.IndexByte(name, 0) >= 0, !utf8.Valid(name), utf8.RuneCount(name) > MaxNameLen:
+			return nil, fmt.Errorf("%w: PORT_PLEASE2_REQ for %q", ErrMalformed, name)
 		}
 		return portPleaseRequest{string(name)}, nil
 	case tagNamesReq:
@@ -205,6 +212,10 @@ func parseRequest(b []byte) (request, error) {
 // parseAlive2 parses the body of an ALIVE2_REQ after its tag:
 // PortNo(2) NodeType(1) Protocol(1) HighestVersion(2) LowestVersion(2)
 // Nlen(2) NodeName(Nlen) Elen(2) Extra(Elen).
+//
+// It checks the framing only. What was registered (name, port, extra) is
+// for [Registry.Register] to accept or refuse, and a refusal is answered
+// with an ALIVE2 error result, as real EPMD answers a name it refuses.
 func parseAlive2(b []byte) (Node, error) {
 	const fixed = 10
 	if len(b) < fixed {
@@ -229,17 +240,8 @@ func parseAlive2(b []byte) (Node, error) {
 	if len(rest) != elen {
 		return Node{}, fmt.Errorf("%w: ALIVE2_REQ extra length %d, but %d bytes follow", ErrMalformed, elen, len(rest))
 	}
-	if elen > MaxExtraLen {
-		return Node{}, fmt.Errorf("%w: ALIVE2_REQ extra of %d bytes, more than %d", ErrMalformed, elen, MaxExtraLen)
-	}
 	if elen > 0 {
 		n.Extra = append([]byte(nil), rest...)
-	}
-	if err := ValidName(n.Name); err != nil {
-		return Node{}, fmt.Errorf("ALIVE2_REQ: %w", err)
-	}
-	if n.Port == 0 {
-		return Node{}, fmt.Errorf("%w: ALIVE2_REQ for %q with port 0", ErrMalformed, n.Name)
 	}
 	return n, nil
 }
@@ -263,17 +265,27 @@ func appendAlive2Request(b []byte, n Node) []byte {
 	return append(b, n.Extra...)
 }
 
+// refusedCreation is the creation real EPMD puts in a refusal.
+const refusedCreation = 99
+
 // appendAlive2Response appends the answer to an ALIVE2_REQ from a node that
 // speaks highestVersion: ALIVE2_X_RESP with a 32-bit creation for version 6
 // and later, else ALIVE2_RESP with a creation of 1 to 3. result is 0 for
-// success.
+// success; any other result is a refusal, which carries creation 99 (and
+// ignores the creation given), byte for byte what real EPMD sends.
 func appendAlive2Response(b []byte, highestVersion uint16, result uint8, creation uint32) []byte {
+	if result != 0 {
+		creation = refusedCreation
+	}
 	if highestVersion >= extendedCreationVersion {
 		b = append(b, tagAlive2XResp, result)
 		return binary.BigEndian.AppendUint32(b, creation)
 	}
+	if result == 0 {
+		creation = creation%3 + 1
+	}
 	b = append(b, tagAlive2Resp, result)
-	return binary.BigEndian.AppendUint16(b, uint16(creation%3+1))
+	return binary.BigEndian.AppendUint16(b, uint16(creation))
 }
 
 // appendPort2Response appends the answer to a PORT_PLEASE2_REQ: the node's

@@ -74,7 +74,8 @@ func (g *Registration) Close() {
 	}
 }
 
-// Lookup returns the node registered under name.
+// Lookup returns the node registered under name. The Node is a copy: its
+// Extra may be changed without changing the registration.
 func (r *Registry) Lookup(name string) (Node, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -82,7 +83,9 @@ func (r *Registry) Lookup(name string) (Node, bool) {
 	if !ok {
 		return Node{}, false
 	}
-	return reg.Node, true
+	n := reg.Node
+	n.Extra = slices.Clone(n.Extra)
+	return n, true
 }
 
 // Names lists the registered nodes, sorted by name.

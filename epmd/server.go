@@ -22,9 +22,11 @@ const (
 // Every request gets a bounded amount of memory (MaxRequestLen bytes) and
 // time (RequestTimeout to arrive, WriteTimeout for the answer to leave); a
 // malformed one closes its connection without an answer, as real EPMD
-// does, and never touches the registry or another connection. KILL_REQ,
-// STOP_REQ and DUMP_REQ are never honoured: KILL_REQ and STOP_REQ are
-// answered "NO", DUMP_REQ is closed unanswered.
+// does, and never touches the registry or another connection. A
+// well-formed ALIVE2_REQ that cannot be registered (not allowed, name
+// taken or invalid) is answered with an error result, as real EPMD does.
+// KILL_REQ, STOP_REQ and DUMP_REQ are never honoured: KILL_REQ and
+// STOP_REQ are answered "NO", DUMP_REQ is closed unanswered.
 type Server struct {
 	// Registry holds the names the server answers for. Required.
 	Registry *Registry
@@ -61,7 +63,10 @@ type Server struct {
 	conns     map[net.Conn]struct{}
 	perIP     map[string]int
 	closed    bool
-	wg        sync.WaitGroup
+	doneCh    chan struct{} // closed by Close; made on demand
+	// wg counts the goroutines serving connections. It is added to under
+	// mu, in addConn, so that no Add can race with Close's Wait.
+	wg sync.WaitGroup
 }
 
 // ErrServerClosed is returned by Serve after Close.
@@ -75,34 +80,81 @@ func (s *Server) Serve(ln net.Listener) error {
 		return ErrServerClosed
 	}
 	defer s.untrack(ln)
+	var backoff time.Duration
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
 			if s.isClosed() {
 				return ErrServerClosed
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				continue
+			if !isTemporary(err) {
+				return err
 			}
-			return err
+			// Out of descriptors (EMFILE, ENFILE), a connection aborted
+			// before it was accepted: wait a little and try again, as
+			// net/http does, rather than stop serving every other peer.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.logf("epmd: accept: %v; retrying in %v", err, backoff)
+			if !s.sleep(backoff) {
+				return ErrServerClosed
+			}
+			continue
 		}
+		backoff = 0
 		if why := s.addConn(conn); why != "" {
 			s.logf("epmd: refusing %v: %s", conn.RemoteAddr(), why)
 			conn.Close()
 			continue
 		}
-		s.wg.Go(func() {
+		go func() {
+			defer s.wg.Done()
 			defer s.removeConn(conn)
 			s.serveConn(conn)
-		})
+		}()
 	}
+}
+
+// isTemporary reports whether an Accept error is worth retrying.
+func isTemporary(err error) bool {
+	var te interface {
+		Timeout() bool
+		Temporary() bool
+	}
+	return errors.As(err, &te) && (te.Timeout() || te.Temporary())
+}
+
+// sleep waits for d, or until the server closes (then it reports false).
+func (s *Server) sleep(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return !s.isClosed()
+	case <-s.done():
+		return false
+	}
+}
+
+// done is closed when the server is.
+func (s *Server) done() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.doneCh == nil {
+		s.doneCh = make(chan struct{})
+		if s.closed {
+			close(s.doneCh)
+		}
+	}
+	return s.doneCh
 }
 
 // Close stops every Serve, closes every connection (ending the
 // registrations they hold) and waits for their goroutines to finish.
 func (s *Server) Close() error {
 	s.mu.Lock()
+	if !s.closed && s.doneCh != nil {
+		close(s.doneCh)
+	}
 	s.closed = true
 	for ln := range s.listeners {
 		ln.Close()
@@ -222,6 +274,7 @@ func (s *Server) addConn(c net.Conn) (refused string) {
 	}
 	s.conns[c] = struct{}{}
 	s.perIP[ip]++
+	s.wg.Add(1)
 	return ""
 }
 
