@@ -190,11 +190,17 @@ invalid_test_() ->
 
 %%% Bounds
 
+%% The heavier tests get a generous timeout instead of EUnit's default 5 s:
+%% the machines running them are often busy with other test suites, and their
+%% own timing assertions are what guard against quadratic behaviour.
+
 nested(N, Open, Close, Inner) ->
     iolist_to_binary([binary:copy(Open, N), Inner, binary:copy(Close, N)]).
 
--spec depth_test() -> ok.
-depth_test() ->
+-spec depth_test_() -> tests().
+depth_test_() -> {timeout, 120, fun depth/0}.
+
+depth() ->
     Arrays512 = nested(512, <<"[">>, <<"]">>, <<"1">>),
     ?assertMatch({ok, [[_]]}, tailscale_json:decode(Arrays512)),
     ?assertEqual({error, {invalid_json, 512, too_deep}},
@@ -214,8 +220,10 @@ depth_test() ->
     Wide = iolist_to_binary([$[, lists:join($,, lists:duplicate(100000, <<"[]">>)), $]]),
     ?assertEqual(100000, length(decode_ok(Wide))).
 
--spec number_size_test() -> ok.
-number_size_test() ->
+-spec number_size_test_() -> tests().
+number_size_test_() -> {timeout, 120, fun number_size/0}.
+
+number_size() ->
     Max = binary:copy(<<"9">>, 1024),
     ?assertEqual(binary_to_integer(Max), decode_ok(Max)),
     Digits1023 = binary:part(Max, 0, 1023),
@@ -308,8 +316,10 @@ control_characters_test() ->
 round_trip(T) ->
     tailscale_json:decode(tailscale_json:encode_to_binary(T)).
 
--spec random_round_trip_test() -> ok.
-random_round_trip_test() ->
+-spec random_round_trip_test_() -> tests().
+random_round_trip_test_() -> {timeout, 120, fun random_round_trip/0}.
+
+random_round_trip() ->
     _ = rand:seed(exsss, {1, 2, 3}),
     lists:foreach(fun(_) ->
                           T = random_term(4),
@@ -351,8 +361,10 @@ random_char() ->
 %%% Fuzz: decode/1 returns a result for every input, and every value it
 %%% returns survives a round trip.
 
--spec fuzz_mutations_test() -> ok.
-fuzz_mutations_test() ->
+-spec fuzz_mutations_test_() -> tests().
+fuzz_mutations_test_() -> {timeout, 120, fun fuzz_mutations/0}.
+
+fuzz_mutations() ->
     _ = rand:seed(exsss, {4, 5, 6}),
     Seeds = [?HELLO, ?ACCEPT, ?ERROR,
              <<"[1,-2.5e-3,\"a\\u00e9\\ud83d\\ude00\\n\",{\"k\":[true,false,null]},{}]">>,
@@ -363,8 +375,10 @@ fuzz_mutations_test() ->
                           check(mutate(Seed, rand:uniform(3)))
                   end, lists:seq(1, 20000)).
 
--spec fuzz_random_bytes_test() -> ok.
-fuzz_random_bytes_test() ->
+-spec fuzz_random_bytes_test_() -> tests().
+fuzz_random_bytes_test_() -> {timeout, 120, fun fuzz_random_bytes/0}.
+
+fuzz_random_bytes() ->
     _ = rand:seed(exsss, {7, 8, 9}),
     %% Mostly JSON's own bytes, so the random strings get past the first byte.
     Alphabet = <<"{}[]\":,\\/ \t\n0123456789-+.eEtrufalsnbu\"\"\xc3\xa9\xed\xa0\x80\xff">>,
@@ -407,8 +421,10 @@ check(Bin) ->
 
 %%% Speed: a rough guard against accidental quadratic behaviour.
 
--spec large_document_test() -> ok.
-large_document_test() ->
+-spec large_document_test_() -> tests().
+large_document_test_() -> {timeout, 120, fun large_document/0}.
+
+large_document() ->
     Doc = tailscale_json:encode_to_binary(
             [decode_ok(?ACCEPT) || _ <- lists:seq(1, 20000)]
             ++ [binary:copy(<<"long string é \\n "/utf8>>, 100000)]),
