@@ -12,16 +12,29 @@ export GOFLAGS := -buildvcs=false -tags=ts_omit_peerapiserver
 GO ?= go
 FUZZTIME ?= 10s
 
-.PHONY: all build deps demo test test-go test-race fuzz vet clean
+.PHONY: all build build-go build-erlang nif deps demo test test-go test-race test-erlang fuzz vet clean
 
 all: build
 
 deps:
 	@bash scripts/install-deps.sh
 
-build: deps
+build: deps build-go build-erlang
+
+build-go:
 	$(GO) build -o bin/tsdist ./cmd/tsdist
 	$(GO) build -o bin/echo ./demo/echo
+
+# The OTP side: erlang_src/ (rebar3, which runs `make nif` first).
+build-erlang:
+	rebar3 compile
+
+# priv/tailscale_fd.so, the one-function NIF that closes passed descriptors.
+ERTS_INCLUDE = $(shell erl -noshell -eval 'io:format("~s/erts-~s/include", [code:root_dir(), erlang:system_info(version)]), halt().')
+nif: priv/tailscale_fd.so
+priv/tailscale_fd.so: c_src/tailscale_fd.c
+	@mkdir -p priv
+	$(CC) -O2 -Wall -Werror -shared -fPIC -I$(ERTS_INCLUDE) -o $@ $<
 
 demo: build
 	bash demo/run.sh
@@ -39,7 +52,12 @@ test-race:
 fuzz:
 	FUZZTIME=$(FUZZTIME) bash scripts/fuzz.sh
 
-test: build vet test-go test-race fuzz
+# EUnit, then real BEAM nodes on the offline tailnet (Common Test).
+test-erlang: build
+	rebar3 eunit --dir test/erlang
+	TSDIST_HELPER=$(CURDIR)/bin/tsdist rebar3 ct --dir test/erlang
+
+test: build vet test-go test-race test-erlang fuzz
 
 clean:
-	rm -rf bin
+	rm -rf bin priv _build

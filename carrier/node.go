@@ -25,12 +25,14 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"tailscale.com/client/local"
 	"tailscale.com/ipn"
 	"tailscale.com/ipn/ipnstate"
 	"tailscale.com/ipn/store/mem"
 	"tailscale.com/net/tsaddr"
+	"tailscale.com/tailcfg"
 	"tailscale.com/tsnet"
 	"tailscale.com/types/logger"
 )
@@ -75,6 +77,9 @@ type Node struct {
 	upOnce  sync.Once
 	upErr   error
 	running chan struct{} // closed once the node is Running
+
+	mu      sync.Mutex
+	knownBy map[netip.Addr]bool // peers that have answered a disco ping
 }
 
 // New checks cfg and prepares a node; nothing touches the network until Up.
@@ -115,7 +120,7 @@ func New(cfg Config) (*Node, error) {
 	if cfg.Ephemeral {
 		ts.Store = new(mem.Store)
 	}
-	return &Node{cfg: cfg, ts: ts, running: make(chan struct{})}, nil
+	return &Node{cfg: cfg, ts: ts, running: make(chan struct{}), knownBy: make(map[netip.Addr]bool)}, nil
 }
 
 // ValidHostname reports whether name can be a tailnet hostname: 1 to 63
@@ -223,6 +228,9 @@ func (n *Node) Dial(ctx context.Context, host string, port uint16) (net.Conn, er
 	if err != nil {
 		return nil, err
 	}
+	if err := n.awaitKnownBy(ctx, addr); err != nil {
+		return nil, fmt.Errorf("carrier: dial %s:%d: %w", host, port, err)
+	}
 	// Straight into the userspace network stack: tsnet's own Dial would
 	// send an address it has no route for through the host's network,
 	// off the tailnet, should the peer leave between Resolve and here.
@@ -235,6 +243,51 @@ func (n *Node) Dial(ctx context.Context, host string, port uint16) (net.Conn, er
 		return nil, fmt.Errorf("carrier: dial %s:%d: %w", host, port, err)
 	}
 	return c, nil
+}
+
+// Disco pings to a peer that does not yet know this node: how long one
+// waits for its pong, and how long before the next.
+const (
+	discoPingTimeout = 250 * time.Millisecond
+	discoPingPause   = 50 * time.Millisecond
+)
+
+// awaitKnownBy returns once the peer at addr knows this node, so that the
+// connection's first WireGuard handshake is answered. A node that has just
+// joined reaches peers before the control server has told them about it;
+// they drop its handshake, and WireGuard retries only after 5 s. A disco
+// pong comes only from a peer that knows this node's key, so the first
+// one is the signal. Peers that answered once are remembered.
+func (n *Node) awaitKnownBy(ctx context.Context, addr netip.Addr) error {
+	if ip4, ip6 := n.ts.TailscaleIPs(); addr == ip4 || addr == ip6 {
+		return nil // this node
+	}
+	n.mu.Lock()
+	known := n.knownBy[addr]
+	n.mu.Unlock()
+	if known {
+		return nil
+	}
+	lc, err := n.local()
+	if err != nil {
+		return err
+	}
+	for {
+		pingCtx, cancel := context.WithTimeout(ctx, discoPingTimeout)
+		res, err := lc.Ping(pingCtx, addr, tailcfg.PingDisco)
+		cancel()
+		if err == nil && res.Err == "" {
+			n.mu.Lock()
+			n.knownBy[addr] = true
+			n.mu.Unlock()
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%v has not answered a disco ping, so it may not know this node yet: %w", addr, ctx.Err())
+		case <-time.After(discoPingPause):
+		}
+	}
 }
 
 // Resolve finds the tailnet IP of host among this node and its peers.

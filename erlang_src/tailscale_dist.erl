@@ -20,6 +20,7 @@
 %%% childspecs, select, address, listen, accept, accept_connection, setup,
 %%% close, is_node_name, then the socket options net_kernel forwards.
 -module(tailscale_dist).
+-compile(warn_missing_spec).
 
 -export([childspecs/0, select/1, address/0, listen/1, listen/2, accept/1,
          accept_connection/5, setup/5, close/1, is_node_name/1,

@@ -10,6 +10,7 @@
 %%%
 %%% "localhost" and the node's own tailnet hostname both mean this host.
 -module(tailscale_epmd).
+-compile(warn_missing_spec).
 
 -export([start_link/0, register_node/2, register_node/3, port_please/2, port_please/3,
          names/0, names/1, address_please/3, listen_port_please/2]).

@@ -36,6 +36,7 @@
 %%% The tailnet hostname is the host part of the node name (`alpha' for
 %%% `app@alpha' and for `app@alpha.example.ts.net').
 -module(tailscale_helper).
+-compile(warn_missing_spec).
 -behaviour(gen_server).
 
 -export([start_link/0, hostname/0, hello/0,
@@ -159,6 +160,7 @@ request(Req, Timeout) ->
     next_id = 2 :: pos_integer(),
     pending = #{} :: #{pos_integer() => {gen_server:from(), term()}},
     acceptors = #{} :: #{pos_integer() => pid()},
+    fd_ports = #{} :: #{port() => integer()},  % passed connections' descriptors
     select = undefined :: term()
 }).
 
@@ -214,6 +216,10 @@ handle_info({Helper, {exit_status, Status}}, #st{helper = Helper} = St) ->
     {stop, {tailscale_helper, {helper_exited, Status}}, St#st{helper = undefined}};
 handle_info({'EXIT', Helper, Reason}, #st{helper = Helper} = St) ->
     {stop, {tailscale_helper, {helper_exited, Reason}}, St#st{helper = undefined}};
+handle_info({'EXIT', Port, _}, #st{fd_ports = FdPorts} = St) when is_map_key(Port, FdPorts) ->
+    {Fd, Rest} = maps:take(Port, FdPorts),
+    ok = tailscale_fd:close(Fd),
+    {noreply, St#st{fd_ports = Rest}};
 handle_info(_Msg, St) ->
     {noreply, St}.
 
@@ -262,16 +268,22 @@ frames(St) ->
 %% Every message that announces a descriptor takes the oldest one received.
 take_fd(#{<<"fd">> := true}, St) ->
     case queue:out(St#st.fds) of
-        {{value, Fd}, Q} -> {fd_socket(Fd), St#st{fds = Q}};
+        {{value, Fd}, Q} -> fd_socket(Fd, St#st{fds = Q});
         {empty, _} -> throw({control_broken, missing_descriptor})
     end;
 take_fd(_, St) ->
     {none, St}.
 
-fd_socket(Fd) ->
+%% The port never closes its descriptor (see tailscale_fd), so this process
+%% stays linked to the port (see give/2) and closes the descriptor once the
+%% port is gone.
+fd_socket(Fd, St) ->
     case gen_tcp:fdopen(Fd, [local, list, {active, false}]) of
-        {ok, S} -> S;
-        {error, Reason} -> throw({control_broken, {fdopen, Fd, Reason}})
+        {ok, S} ->
+            {S, St#st{fd_ports = (St#st.fd_ports)#{S => Fd}}};
+        {error, Reason} ->
+            _ = tailscale_fd:close(Fd),
+            throw({control_broken, {fdopen, Fd, Reason}})
     end.
 
 dispatch(#{<<"event">> := <<"accept">>} = Ev, St0) ->
@@ -303,9 +315,9 @@ reply(From, #{<<"ok">> := true} = Resp, none) ->
     gen_server:reply(From, {ok, maps:get(<<"result">>, Resp, #{})});
 reply({Pid, _} = From, #{<<"ok">> := true} = Resp, Sock) ->
     Peer = maps:get(<<"peer">>, maps:get(<<"result">>, Resp, #{}), #{}),
-    case gen_tcp:controlling_process(Sock, Pid) of
+    case give(Sock, Pid) of
         ok -> gen_server:reply(From, {ok, Sock, Peer});
-        {error, Reason} -> close(Sock), gen_server:reply(From, {error, {handover, Reason}})
+        {error, Reason} -> gen_server:reply(From, {error, {handover, Reason}})
     end;
 reply(From, Resp, Sock) ->
     close(Sock),
@@ -315,9 +327,26 @@ reply(From, Resp, Sock) ->
     gen_server:reply(From, {error, {Code, maps:get(<<"message">>, Err, <<>>)}}).
 
 hand_over(Sock, Pid, Msg) ->
-    case gen_tcp:controlling_process(Sock, Pid) of
+    case give(Sock, Pid) of
         ok -> Pid ! Msg;
-        {error, _} -> close(Sock)
+        {error, _} -> ok
+    end.
+
+%% Makes Pid the socket's owner, and links this process to the port again
+%% (handing it over unlinks the old owner), so the port's exit tells this
+%% process to close the descriptor, whoever owns the port by then. A port
+%% monitor is not enough: a port closed while its handshake failed never
+%% triggers one on OTP 25.
+give(Sock, Pid) ->
+    case gen_tcp:controlling_process(Sock, Pid) of
+        ok ->
+            try link(Sock)
+            catch error:noproc -> ok % already gone; its 'EXIT' is on its way
+            end,
+            ok;
+        {error, _} = E ->
+            close(Sock),
+            E
     end.
 
 close(none) -> ok;

@@ -279,7 +279,9 @@ func TestEPMDFromTailnetPeer(t *testing.T) {
 		}
 		return resp
 	}
-	packet := func(body ...byte) []byte { return append(binary.BigEndian.AppendUint16(nil, uint16(len(body))), body...) }
+	packet := func(body ...byte) []byte {
+		return append(binary.BigEndian.AppendUint16(nil, uint16(len(body))), body...)
+	}
 
 	// ALIVE2_REQ for "intruder", port 42002, type 77, proto 0, versions 6/5.
 	alive := packet(append([]byte{'x', 0xa4, 0x12, 77, 0, 0, 6, 0, 5, 0, 8}, append([]byte("intruder"), 0, 0)...)...)

@@ -1067,3 +1067,44 @@ func randomBytes(seed uint64, n int) []byte {
 	r.Read(b)
 	return b
 }
+
+// TestCloseReachesPeer closes one end outright, with the other end idle
+// in a read, as a BEAM node does when it refuses a handshake: the reader
+// must see end of stream at once, from either side, over either helper.
+func TestCloseReachesPeer(t *testing.T) {
+	ctx := testContext(t, 30*time.Second)
+	a, b := dialControl(t, ctx, alpha), dialControl(t, ctx, beta)
+	for _, tt := range []struct {
+		name   string
+		dialer *control.Client
+		host   string
+		closer string
+	}{
+		{"acceptor closes, other helper", b, "alpha", "acceptor"},
+		{"dialer closes, other helper", b, "alpha", "dialer"},
+		{"acceptor closes, same helper", a, "alpha", "acceptor"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dialed, accepted := connect(t, ctx, tt.dialer, a, tt.host)
+			closer, reader := accepted, dialed
+			if tt.closer == "dialer" {
+				closer, reader = dialed, accepted
+			}
+			if _, err := closer.Write([]byte("hi")); err != nil {
+				t.Fatal(err)
+			}
+			buf := make([]byte, 2)
+			if _, err := io.ReadFull(reader, buf); err != nil {
+				t.Fatal(err)
+			}
+			start := time.Now()
+			closer.Close()
+			reader.SetReadDeadline(time.Now().Add(5 * time.Second))
+			n, err := reader.Read(buf)
+			if err != io.EOF {
+				t.Fatalf("read after the other end closed: %d bytes, %v; want EOF", n, err)
+			}
+			t.Logf("EOF %v after the close", time.Since(start).Round(time.Microsecond))
+		})
+	}
+}

@@ -15,11 +15,15 @@ func runDevnet(args []string) error {
 	urlFile := fs.String("url-file", "", "also write the control URL to `FILE` (atomically), for scripts")
 	sameUser := fs.Bool("same-user", false, "put every node under one tailnet user")
 	verbose := fs.Bool("verbose", false, "log the control server's and DERP's activity to stderr")
+	exitWithStdin := fs.Bool("exit-with-stdin", false, "shut down when standard input closes (for a parent that runs the devnet as a port program)")
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	if *exitWithStdin {
+		go stopOnStdinClose(stop, func(format string, a ...any) { fmt.Fprintf(os.Stderr, "tsdist devnet: "+format+"\n", a...) })
+	}
 	opts := devnet.Options{SameUser: *sameUser}
 	if *verbose {
 		opts.Logf = func(format string, a ...any) { fmt.Fprintf(os.Stderr, "devnet: "+format+"\n", a...) }

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 )
 
@@ -119,6 +120,15 @@ func parseFlagsWithArg(fs *flag.FlagSet, args []string, what string) (string, er
 		return "", err
 	}
 	return arg, nil
+}
+
+// stopOnStdinClose calls stop once standard input ends: a parent that
+// runs tsdist as a port program (a BEAM node, a test) closes it by exiting,
+// however it exits, so the helper cannot outlive it.
+func stopOnStdinClose(stop func(), say func(string, ...any)) {
+	io.Copy(io.Discard, os.Stdin)
+	say("standard input closed; shutting down")
+	stop()
 }
 
 // envOr returns the first non-empty environment variable of names, or def.

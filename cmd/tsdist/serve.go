@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"log"
 	"net"
 	"net/netip"
@@ -95,11 +94,7 @@ func runServe(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	if *exitWithStdin {
-		go func() {
-			io.Copy(io.Discard, os.Stdin)
-			say("standard input closed")
-			stop()
-		}()
+		go stopOnStdinClose(stop, say)
 	}
 
 	srv := control.NewServer(node, version, say)

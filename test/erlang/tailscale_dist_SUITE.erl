@@ -1,0 +1,312 @@
+%%% Real BEAM nodes, as OS processes, clustering over the offline tailnet
+%%% with `-proto_dist tailscale'.
+%%%
+%%% The suite starts `tsdist devnet' (the offline tailnet on loopback), then
+%%% nodes with peer(3) whose supervision channel is their standard I/O, so
+%%% every distribution connection under test is a tailnet one. Each node
+%%% starts its own `tsdist serve' helper, as a user's node would.
+%%%
+%%% TSDIST_HELPER must name the tsdist binary (`make test' sets it).
+-module(tailscale_dist_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+-include_lib("kernel/include/net_address.hrl").
+
+-export([all/0, suite/0, init_per_suite/1, end_per_suite/1]).
+-export([ping_by_hostname/1, rpc_and_erpc/1, global_names/1, pg_groups/1,
+         links_and_monitors/1, big_binary/1, many_small_messages/1,
+         names_over_tailnet/1, two_nodes_one_host/1, duplicate_name_refused/1,
+         hidden_node/1, wrong_cookie/1, unknown_host_fails_fast/1, long_names/1,
+         peer_identity_in_address/1]).
+%% run on the nodes under test
+-export([echo_loop/0, collect/2]).
+
+-define(COOKIE, "tsdist_suite_cookie").
+
+suite() ->
+    [{timetrap, {minutes, 3}}].
+
+all() ->
+    [ping_by_hostname, rpc_and_erpc, global_names, pg_groups, links_and_monitors,
+     big_binary, many_small_messages, names_over_tailnet, two_nodes_one_host,
+     duplicate_name_refused, hidden_node, wrong_cookie, unknown_host_fails_fast,
+     long_names, peer_identity_in_address].
+
+init_per_suite(Config) ->
+    Helper = case os:getenv("TSDIST_HELPER") of
+                 false -> ct:fail("TSDIST_HELPER is not set: it must name the tsdist binary (make test sets it)");
+                 H -> H
+             end,
+    %% Unix socket paths are short (108 bytes), priv_dir paths are not.
+    RunDir = string:trim(os:cmd("mktemp -d /tmp/tsdist-ct-XXXXXX")),
+    UrlFile = filename:join(RunDir, "control-url"),
+    %% init_per_suite's process ends when it returns, and its ports with
+    %% it, so a process of its own holds the devnet's port.
+    Devnet = spawn(fun() ->
+                       Port = open_port({spawn_executable, Helper},
+                                        [{args, ["devnet", "--url-file", UrlFile, "--exit-with-stdin"]},
+                                         exit_status, use_stdio, stderr_to_stdout, {line, 1024}]),
+                       receive stop -> port_close(Port) end
+                   end),
+    Url = wait_for_file(UrlFile, 100),
+    ct:log("offline tailnet at ~s, helpers' sockets in ~s", [Url, RunDir]),
+    Config1 = [{helper, Helper}, {run_dir, RunDir}, {control_url, Url}, {devnet, Devnet} | Config],
+    Nodes = [start_node(Config1, N, H) || {N, H} <- [{a, "alpha"}, {b, "beta"}, {c, "gamma"}]],
+    [{nodes, Nodes} | Config1].
+
+end_per_suite(Config) ->
+    [peer:stop(P) || {P, _} <- ?config(nodes, Config)],
+    %% Closing its stdin stops the devnet (--exit-with-stdin).
+    ?config(devnet, Config) ! stop,
+    os:cmd("rm -rf " ++ ?config(run_dir, Config)),
+    ok.
+
+%%% Test cases
+
+ping_by_hostname(Config) ->
+    [{A, _}, _, _] = ?config(nodes, Config),
+    {Time, Pong} = timer:tc(fun() -> peer:call(A, net_adm, ping, [b@beta]) end),
+    ct:log("first ping a@alpha -> b@beta (connection set-up included): ~p us", [Time]),
+    ?assertEqual(pong, Pong),
+    ?assertEqual(pong, peer:call(A, net_adm, ping, [c@gamma])),
+    ?assertEqual([b@beta, c@gamma], lists:sort(peer:call(A, erlang, nodes, []))),
+    RTTs = lists:sort([element(1, timer:tc(fun() -> pong = peer:call(A, net_adm, ping, [b@beta]) end))
+                       || _ <- lists:seq(1, 50)]),
+    ct:log("ping round trip (through peer's stdio control channel too), median ~p us", [lists:nth(25, RTTs)]).
+
+rpc_and_erpc(Config) ->
+    [{A, _}, _, _] = ?config(nodes, Config),
+    ?assertEqual(b@beta, peer:call(A, rpc, call, [b@beta, erlang, node, []])),
+    ?assertEqual(c@gamma, peer:call(A, erpc, call, [c@gamma, erlang, node, []])),
+    ?assertEqual("beta", peer:call(A, erpc, call, [b@beta, tailscale_helper, hostname, []])),
+    ?assertMatch({'EXIT', {{exception, badarith, _}, _}},
+                 peer:call(A, erlang, apply, [fun() -> catch erpc:call(b@beta, erlang, '+', [1, x]) end, []])).
+
+global_names(Config) ->
+    [{A, _}, {B, _}, {C, _}] = ?config(nodes, Config),
+    connect_all(Config),
+    Pid = peer:call(B, erlang, spawn, [timer, sleep, [60000]]),
+    yes = peer:call(B, global, register_name, [tsdist_global, Pid]),
+    ok = peer:call(A, global, sync, []),
+    ok = peer:call(C, global, sync, []),
+    ?assertEqual(Pid, peer:call(A, global, whereis_name, [tsdist_global])),
+    ?assertEqual(Pid, peer:call(C, global, whereis_name, [tsdist_global])),
+    peer:call(B, global, unregister_name, [tsdist_global]).
+
+pg_groups(Config) ->
+    [{A, _}, {B, _}, {C, _}] = ?config(nodes, Config),
+    connect_all(Config),
+    Members = [peer:call(N, erlang, spawn, [timer, sleep, [60000]]) || N <- [A, B]],
+    [ok = peer:call(N, pg, join, [tsdist_group, P]) || {N, P} <- lists:zip([A, B], Members)],
+    wait_until(fun() -> lists:sort(peer:call(C, pg, get_members, [tsdist_group])) =:= lists:sort(Members) end),
+    %% A member that dies leaves the group on every node.
+    [First, Second] = Members,
+    peer:call(A, erlang, exit, [First, kill]),
+    wait_until(fun() -> peer:call(C, pg, get_members, [tsdist_group]) =:= [Second] end),
+    peer:call(B, erlang, exit, [Second, kill]).
+
+links_and_monitors(Config) ->
+    [{A, _}, _, _] = ?config(nodes, Config),
+    Result = peer:call(A, erlang, apply, [fun() ->
+        Remote = spawn(b@beta, timer, sleep, [infinity]),
+        Ref = monitor(process, Remote),
+        exit(Remote, tsdist_test),
+        Down = receive {'DOWN', Ref, process, Remote, R1} -> R1 after 5000 -> no_down end,
+        process_flag(trap_exit, true),
+        Linked = spawn_link(c@gamma, erlang, exit, [linked_exit]),
+        Exit = receive {'EXIT', Linked, R2} -> R2 after 5000 -> no_exit end,
+        {Down, Exit}
+    end, []]),
+    ?assertEqual({tsdist_test, linked_exit}, Result).
+
+big_binary(Config) ->
+    [{A, _}, _, _] = ?config(nodes, Config),
+    {Ok, Micros} = peer:call(A, erlang, apply, [fun() ->
+        Bin = rand:bytes(64 bsl 20),
+        Echo = spawn(b@beta, ?MODULE, echo_loop, []),
+        T0 = erlang:monotonic_time(microsecond),
+        Echo ! {self(), Bin},
+        Back = receive {Echo, B} -> B after 60000 -> timeout end,
+        T = erlang:monotonic_time(microsecond) - T0,
+        Echo ! stop,
+        {Back =:= Bin, T}
+    end, []], 90000),
+    ct:log("64 MiB there and back in ~p ms (~.1f MB/s each way)", [Micros div 1000, 64 * 1.048576e6 / Micros]),
+    ?assert(Ok).
+
+many_small_messages(Config) ->
+    [{A, _}, _, _] = ?config(nodes, Config),
+    N = 100000,
+    {Got, Micros} = peer:call(A, erlang, apply, [fun() ->
+        Collector = spawn(b@beta, ?MODULE, collect, [self(), N]),
+        T0 = erlang:monotonic_time(microsecond),
+        [Collector ! I || I <- lists:seq(1, N)],
+        R = receive {Collector, Res} -> Res after 60000 -> timeout end,
+        {R, erlang:monotonic_time(microsecond) - T0}
+    end, []], 90000),
+    ct:log("~p small messages in ~p ms (~p msg/s)", [N, Micros div 1000, N * 1000000 div Micros]),
+    ?assertEqual(in_order, Got).
+
+names_over_tailnet(Config) ->
+    [{A, _}, _, _] = ?config(nodes, Config),
+    {ok, Names} = peer:call(A, net_adm, names, [beta]),
+    ?assertMatch([{"b", _}], Names),
+    {ok, [{"a", Port}]} = peer:call(A, net_adm, names, []),
+    ?assert(is_integer(Port)),
+    ?assertMatch({error, {unknown_host, _}}, peer:call(A, net_adm, names, [nowhere])).
+
+%% A second node on a host attaches to the helper the first one started.
+two_nodes_one_host(Config) ->
+    [{A, _}, _, _] = ?config(nodes, Config),
+    {P, N} = start_node(Config, b2, "beta"),
+    try
+        ?assertEqual(b2@beta, N),
+        ?assertEqual(pong, peer:call(A, net_adm, ping, [b2@beta])),
+        {ok, Names} = peer:call(A, net_adm, names, [beta]),
+        ?assertEqual(["b", "b2"], lists:sort([Name || {Name, _} <- Names]))
+    after
+        peer:stop(P)
+    end,
+    %% Its name leaves the host's EPMD with it.
+    wait_until(fun() -> match_names(["b"], peer:call(A, net_adm, names, [beta])) end).
+
+match_names(Want, {ok, Names}) -> lists:sort([N || {N, _} <- Names]) =:= Want;
+match_names(_, _) -> false.
+
+duplicate_name_refused(Config) ->
+    {error, Reason} = start_node_result(Config, b, "beta", []),
+    ct:log("second b@beta: ~p", [Reason]).
+
+hidden_node(Config) ->
+    [{A, _}, _, _] = ?config(nodes, Config),
+    {P, _} = start_node(Config, h, "delta", ["-hidden"]),
+    try
+        ?assertEqual(pong, peer:call(P, net_adm, ping, [a@alpha])),
+        ?assertNot(lists:member(h@delta, peer:call(A, erlang, nodes, []))),
+        ?assert(lists:member(h@delta, peer:call(A, erlang, nodes, [hidden])))
+    after
+        peer:stop(P)
+    end.
+
+wrong_cookie(Config) ->
+    {P, _} = start_node(Config, w, "epsilon", ["-setcookie", "not_the_cookie"]),
+    try
+        ?assertEqual(pang, peer:call(P, net_adm, ping, [a@alpha]))
+    after
+        peer:stop(P)
+    end.
+
+unknown_host_fails_fast(Config) ->
+    [{A, _}, _, _] = ?config(nodes, Config),
+    {Micros, Pang} = timer:tc(fun() -> peer:call(A, net_adm, ping, [x@nowhere]) end),
+    ?assertEqual(pang, Pang),
+    ct:log("ping x@nowhere: pang after ~p ms", [Micros div 1000]),
+    ?assert(Micros < 2000000).
+
+long_names(Config) ->
+    Domain = "tsdist.test",
+    {P1, N1} = start_node(Config, l1, "zeta." ++ Domain, [], true),
+    {P2, N2} = start_node(Config, l2, "eta." ++ Domain, [], true),
+    try
+        ?assertEqual('l1@zeta.tsdist.test', N1),
+        ?assertEqual(pong, peer:call(P1, net_adm, ping, [N2])),
+        ?assertEqual(N2, peer:call(P1, erpc, call, [N2, erlang, node, []]))
+    after
+        peer:stop(P1), peer:stop(P2)
+    end.
+
+%% net_kernel knows each connection's tailnet address.
+peer_identity_in_address(Config) ->
+    [{A, _}, _, _] = ?config(nodes, Config),
+    pong = peer:call(A, net_adm, ping, [b@beta]),
+    {ok, Info} = peer:call(A, net_kernel, node_info, [b@beta]),
+    #net_address{address = {IP, _Port}, protocol = tailscale} = proplists:get_value(address, Info),
+    ?assertMatch({100, _, _, _}, IP).
+
+%%% On the nodes under test
+
+echo_loop() ->
+    receive
+        {From, Msg} -> From ! {self(), Msg}, echo_loop();
+        stop -> ok
+    end.
+
+collect(From, N) ->
+    From ! {self(), collect_loop(1, N)}.
+
+collect_loop(I, N) when I > N -> in_order;
+collect_loop(I, N) ->
+    receive
+        I -> collect_loop(I + 1, N);
+        Other -> {out_of_order, I, Other}
+    after 30000 -> {missing, I}
+    end.
+
+%%% Helpers
+
+start_node(Config, Name, Host) ->
+    start_node(Config, Name, Host, []).
+
+start_node(Config, Name, Host, Args) ->
+    start_node(Config, Name, Host, Args, false).
+
+start_node(Config, Name, Host, Args, Long) ->
+    case start_node_result(Config, Name, Host, Args, Long) of
+        {ok, P, N} -> {P, N};
+        {error, Reason} -> ct:fail({node_did_not_start, Name, Host, Reason})
+    end.
+
+start_node_result(Config, Name, Host, Args) ->
+    start_node_result(Config, Name, Host, Args, false).
+
+start_node_result(Config, Name, Host, Args, Long) ->
+    RunDir = ?config(run_dir, Config),
+    Paths = lists:usort([filename:dirname(code:which(M)) || M <- [tailscale_dist, ?MODULE]]),
+    Cookie = case lists:member("-setcookie", Args) of
+                 true -> [];
+                 false -> ["-setcookie", ?COOKIE]
+             end,
+    Label = hd(string:split(Host, ".")),
+    Opts = #{name => Name, host => Host, longnames => Long,
+             connection => standard_io,
+             wait_boot => 30000,
+             args => ["-proto_dist", "tailscale", "-epmd_module", "tailscale_epmd",
+                      "-start_epmd", "false", "-kernel", "start_pg", "true"]
+                     ++ Cookie ++ lists:append([["-pa", P] || P <- Paths]) ++ Args,
+             env => [{"TS_CONTROL_URL", ?config(control_url, Config)},
+                     {"TSDIST_HELPER", ?config(helper, Config)},
+                     {"XDG_RUNTIME_DIR", RunDir},
+                     {"TS_STATE_DIR", filename:join([RunDir, "state", Label])}]},
+    try peer:start_link(Opts) of
+        {ok, P, N} -> unlink(P), {ok, P, N};
+        {error, _} = E -> E
+    catch
+        exit:Reason -> {error, Reason}
+    end.
+
+connect_all(Config) ->
+    [{A, _}, {B, _}, _] = ?config(nodes, Config),
+    pong = peer:call(A, net_adm, ping, [b@beta]),
+    pong = peer:call(A, net_adm, ping, [c@gamma]),
+    pong = peer:call(B, net_adm, ping, [c@gamma]),
+    ok.
+
+wait_for_file(File, 0) ->
+    ct:fail({no_control_url, File});
+wait_for_file(File, N) ->
+    case file:read_file(File) of
+        {ok, Bin} when byte_size(Bin) > 0 -> string:trim(binary_to_list(Bin));
+        _ -> timer:sleep(100), wait_for_file(File, N - 1)
+    end.
+
+wait_until(F) ->
+    wait_until(F, 100).
+
+wait_until(F, 0) ->
+    ?assert(F());
+wait_until(F, N) ->
+    case F() of
+        true -> ok;
+        false -> timer:sleep(50), wait_until(F, N - 1)
+    end.
