@@ -39,7 +39,7 @@
 -compile(warn_missing_spec).
 -behaviour(gen_server).
 
--export([start_link/0, hostname/0, hello/0,
+-export([start_link/0, hostname/0, hello/0, info/0,
          listen/1, set_acceptor/2, dial/3,
          register_node/3, port_please/3, names/2, status/0, whois/1,
          request/2]).
@@ -68,6 +68,14 @@ start_link() ->
 -spec hostname() -> string().
 hostname() ->
     gen_server:call(?MODULE, hostname).
+
+%% What this node's link to the tailnet looks like: the tailnet hostname,
+%% the helper's OS pid when this node started it (undefined when attached
+%% to another's or while it is down), why it is down if it is, and the ports
+%% and names to restore on a new helper.
+-spec info() -> #{atom() => term()}.
+info() ->
+    gen_server:call(?MODULE, info).
 
 %% The helper's answer to hello, as a map.
 -spec hello() -> map().
@@ -150,18 +158,27 @@ request(Req, Timeout) ->
 
 %%% gen_server
 
+-define(MIN_BACKOFF, 100).
+-define(MAX_BACKOFF, 5000).
+
 -record(st, {
-    sock :: socket:socket(),
+    sock :: socket:socket() | undefined,  % undefined while the helper is down
     helper :: port() | undefined,   % the helper we started, if any
     hostname :: string(),
     hello :: map(),
     buf = <<>> :: binary(),
     fds = queue:new() :: queue:queue(integer()),
     next_id = 2 :: pos_integer(),
-    pending = #{} :: #{pos_integer() => {gen_server:from(), term()}},
+    pending = #{} :: #{pos_integer() => {gen_server:from() | internal, map()}},
     acceptors = #{} :: #{pos_integer() => pid()},
     fd_ports = #{} :: #{port() => integer()},  % passed connections' descriptors
-    select = undefined :: term()
+    select = undefined :: term(),
+    %% What to restore on a new helper: the tailnet ports listened on and
+    %% the names registered through this connection.
+    listens = [] :: [1..65535],
+    registrations = #{} :: #{binary() => {1..65535, boolean()}},
+    down = undefined :: undefined | term(),   % why the helper is gone
+    backoff = ?MIN_BACKOFF :: pos_integer()
 }).
 
 -spec init([]) -> {ok, #st{}} | {stop, term()}.
@@ -186,17 +203,23 @@ init([]) ->
 -spec handle_call(term(), gen_server:from(), #st{}) -> {reply, term(), #st{}} | {noreply, #st{}}.
 handle_call(hostname, _From, St) ->
     {reply, St#st.hostname, St};
+handle_call(info, _From, St) ->
+    OsPid = case St#st.helper of
+                undefined -> undefined;
+                Port -> element(2, erlang:port_info(Port, os_pid))
+            end,
+    {reply, #{hostname => St#st.hostname, helper_os_pid => OsPid, down => St#st.down,
+              listens => St#st.listens, registrations => maps:keys(St#st.registrations)}, St};
 handle_call(hello, _From, St) ->
     {reply, St#st.hello, St};
 handle_call({set_acceptor, Port, Pid}, _From, St) ->
     {reply, ok, St#st{acceptors = (St#st.acceptors)#{Port => Pid}}};
-handle_call({request, Req}, From, #st{next_id = Id} = St) ->
-    case send_frame(St#st.sock, Req#{id => Id}) of
-        ok ->
-            Pending = (St#st.pending)#{Id => From},
-            {noreply, St#st{next_id = Id + 1, pending = Pending}};
-        {error, Reason} ->
-            {reply, {error, {control_socket, Reason}}, St}
+handle_call({request, _}, _From, #st{sock = undefined, down = Why} = St) ->
+    {reply, {error, {helper_down, Why}}, St};
+handle_call({request, Req}, From, St) ->
+    case send_request(From, Req, St) of
+        {ok, St1} -> {noreply, St1};
+        {error, Reason} -> {reply, {error, {control_socket, Reason}}, St}
     end.
 
 -spec handle_cast(term(), #st{}) -> {noreply, #st{}}.
@@ -206,16 +229,17 @@ handle_cast(_Msg, St) ->
 -spec handle_info(term(), #st{}) -> {noreply, #st{}} | {stop, term(), #st{}}.
 handle_info({'$socket', Sock, select, Ref}, #st{sock = Sock, select = Ref} = St) ->
     try {noreply, read_more(St#st{select = undefined})}
-    catch throw:{control_broken, Reason} -> {stop, {tailscale_helper, Reason}, St}
+    catch throw:{control_broken, Reason} -> {noreply, helper_down(Reason, St)}
     end;
+handle_info(reconnect, #st{sock = undefined} = St) ->
+    {noreply, reconnect(St)};
 handle_info({Helper, {data, {_, Line}}}, #st{helper = Helper} = St) ->
     logger:notice("~ts", [Line]),
     {noreply, St};
 handle_info({Helper, {exit_status, Status}}, #st{helper = Helper} = St) ->
-    logger:error("tsdist: the helper exited with status ~p", [Status]),
-    {stop, {tailscale_helper, {helper_exited, Status}}, St#st{helper = undefined}};
-handle_info({'EXIT', Helper, Reason}, #st{helper = Helper} = St) ->
-    {stop, {tailscale_helper, {helper_exited, Reason}}, St#st{helper = undefined}};
+    {noreply, helper_down({helper_exited, Status}, St#st{helper = undefined})};
+handle_info({'EXIT', Helper, Reason}, #st{helper = Helper} = St) when is_port(Helper) ->
+    {noreply, helper_down({helper_exited, Reason}, St#st{helper = undefined})};
 handle_info({'EXIT', Port, _}, #st{fd_ports = FdPorts} = St) when is_map_key(Port, FdPorts) ->
     {Fd, Rest} = maps:take(Port, FdPorts),
     ok = tailscale_fd:close(Fd),
@@ -225,9 +249,80 @@ handle_info(_Msg, St) ->
 
 -spec terminate(term(), #st{}) -> ok.
 terminate(_Reason, St) ->
-    _ = socket:close(St#st.sock),
+    close_control(St#st.sock),
     stop_helper(St#st.helper),
     ok.
+
+%%% Losing and restarting the helper
+
+%% The helper is gone (it exited, or its control socket broke). Its carried
+%% connections end with it; the node's distribution sees them close at once.
+%% This process restarts the helper (or, when attached to someone else's,
+%% reconnects to it) with a growing pause, and restores the node's
+%% listeners and EPMD registrations, so peers reach the node again.
+helper_down(Reason, #st{backoff = Backoff} = St) ->
+    logger:error("tsdist: lost the helper (~tp); reconnecting in ~b ms", [Reason, Backoff]),
+    [gen_server:reply(From, {error, {helper_down, Reason}})
+     || {From, _} <- maps:values(St#st.pending), From =/= internal],
+    [tailscale_fd:close(Fd) || Fd <- queue:to_list(St#st.fds)],
+    close_control(St#st.sock),
+    stop_helper(St#st.helper),
+    erlang:send_after(Backoff, self(), reconnect),
+    St#st{sock = undefined, helper = undefined, buf = <<>>, fds = queue:new(),
+          pending = #{}, select = undefined, down = Reason,
+          backoff = min(2 * Backoff, ?MAX_BACKOFF)}.
+
+reconnect(St0) ->
+    case connect(St0#st.hostname) of
+        {ok, Sock, Helper} ->
+            case hello_exchange(Sock) of
+                {ok, Hello} ->
+                    St = St0#st{sock = Sock, helper = Helper, hello = Hello, down = undefined},
+                    try
+                        {noreply, St1} = restore(St),
+                        logger:notice("tsdist: helper back; restoring ports ~w and names ~ts",
+                                      [St#st.listens, lists:join(", ", maps:keys(St#st.registrations))]),
+                        read_more(St1#st{backoff = ?MIN_BACKOFF})
+                    catch throw:{control_broken, Reason} -> helper_down(Reason, St)
+                    end;
+                {error, Reason} ->
+                    helper_down(Reason, St0#st{sock = Sock, helper = Helper})
+            end;
+        {error, Reason} ->
+            helper_down(Reason, St0)
+    end.
+
+%% Registers the names first, so a peer that finds the port finds the name.
+restore(St0) ->
+    Regs = [#{op => register, name => N, port => P, hidden => H}
+            || {N, {P, H}} <- maps:to_list(St0#st.registrations)],
+    Listens = [#{op => listen, port => P, timeout_ms => up_timeout()} || P <- St0#st.listens],
+    St = lists:foldl(fun(Req, Acc) ->
+                             case send_request(internal, Req, Acc) of
+                                 {ok, Acc1} -> Acc1;
+                                 {error, Reason} -> throw({control_broken, {control_socket, Reason}})
+                             end
+                     end, St0, Regs ++ Listens),
+    {noreply, St}.
+
+send_request(From, Req, #st{next_id = Id} = St) ->
+    case send_frame(St#st.sock, Req#{id => Id}) of
+        ok -> {ok, St#st{next_id = Id + 1, pending = (St#st.pending)#{Id => {From, Req}}}};
+        {error, _} = E -> E
+    end.
+
+%% Remembers what a successful request set up, to restore it on a new helper.
+remember(#{op := listen}, #{<<"ok">> := true, <<"result">> := #{<<"port">> := P}}, St) ->
+    St#st{listens = lists:usort([P | St#st.listens])};
+remember(#{op := register, name := N, port := P, hidden := H}, #{<<"ok">> := true}, St) ->
+    St#st{registrations = (St#st.registrations)#{N => {P, H}}};
+remember(#{op := unregister, name := N}, #{<<"ok">> := true}, St) ->
+    St#st{registrations = maps:remove(N, St#st.registrations)};
+remember(_, _, St) ->
+    St.
+
+close_control(undefined) -> ok;
+close_control(Sock) -> _ = socket:close(Sock), ok.
 
 %%% Reading the control socket
 
@@ -303,9 +398,17 @@ dispatch(#{<<"event">> := _} = Ev, St0) ->
 dispatch(#{<<"id">> := Id} = Resp, St0) ->
     {Sock, St} = take_fd(Resp, St0),
     case maps:take(Id, St#st.pending) of
-        {From, Pending} ->
+        {{internal, Req}, Pending} ->
+            close(Sock),
+            case Resp of
+                #{<<"ok">> := true} -> ok;
+                _ -> logger:error("tsdist: could not restore ~tp on the new helper: ~tp",
+                                  [Req, maps:get(<<"error">>, Resp, Resp)])
+            end,
+            remember(Req, Resp, St#st{pending = Pending});
+        {{From, Req}, Pending} ->
             reply(From, Resp, Sock),
-            St#st{pending = Pending};
+            remember(Req, Resp, St#st{pending = Pending});
         error ->
             close(Sock),
             St

@@ -18,7 +18,8 @@
          links_and_monitors/1, big_binary/1, many_small_messages/1,
          names_over_tailnet/1, two_nodes_one_host/1, duplicate_name_refused/1,
          hidden_node/1, wrong_cookie/1, unknown_host_fails_fast/1, long_names/1,
-         peer_identity_in_address/1]).
+         peer_identity_in_address/1, helper_killed/1, missing_helper/1,
+         illegal_hostname/1]).
 %% run on the nodes under test
 -export([echo_loop/0, collect/2]).
 
@@ -31,7 +32,8 @@ all() ->
     [ping_by_hostname, rpc_and_erpc, global_names, pg_groups, links_and_monitors,
      big_binary, many_small_messages, names_over_tailnet, two_nodes_one_host,
      duplicate_name_refused, hidden_node, wrong_cookie, unknown_host_fails_fast,
-     long_names, peer_identity_in_address].
+     long_names, peer_identity_in_address, helper_killed, missing_helper,
+     illegal_hostname].
 
 init_per_suite(Config) ->
     Helper = case os:getenv("TSDIST_HELPER") of
@@ -224,6 +226,53 @@ peer_identity_in_address(Config) ->
     #net_address{address = {IP, _Port}, protocol = tailscale} = proplists:get_value(address, Info),
     ?assertMatch({100, _, _, _}, IP).
 
+%% kill -9 a node's helper: its peer sees nodedown within net_ticktime, the
+%% node itself stays up, restarts its helper, and is reachable again.
+helper_killed(Config) ->
+    Tick = ["-kernel", "net_ticktime", "4"],
+    {K1, _} = start_node(Config, k1, "theta", Tick),
+    {K2, _} = start_node(Config, k2, "iota", Tick),
+    try
+        pong = peer:call(K2, net_adm, ping, [k1@theta]),
+        #{helper_os_pid := OsPid} = peer:call(K1, tailscale_helper, info, []),
+        ?assert(is_integer(OsPid)),
+        Watcher = peer:call(K2, erlang, spawn, [fun() ->
+            monitor_node(k1@theta, true),
+            receive start -> ok end,
+            T0 = erlang:monotonic_time(millisecond),
+            receive {nodedown, k1@theta} -> exit({nodedown_after_ms, erlang:monotonic_time(millisecond) - T0})
+            after 20000 -> exit(no_nodedown)
+            end
+        end]),
+        os:cmd("kill -9 " ++ integer_to_list(OsPid)),
+        peer:call(K2, erlang, send, [Watcher, start]),
+        {nodedown_after_ms, Ms} = wait_exit(K2, Watcher, 30000),
+        ct:log("k2 saw k1@theta go down ~p ms after its helper was killed (net_ticktime 4 s)", [Ms]),
+        ?assert(Ms =< 8000),
+        %% The node is still up, and comes back on a helper of its own.
+        ?assertEqual(k1@theta, peer:call(K1, erlang, node, [])),
+        wait_until(fun() -> maps:get(down, peer:call(K1, tailscale_helper, info, [])) =:= undefined end),
+        #{helper_os_pid := NewPid} = peer:call(K1, tailscale_helper, info, []),
+        ?assertNotEqual(OsPid, NewPid),
+        {Micros, Pong} = timer:tc(fun() -> ping_until_pong(K2, k1@theta, 30) end),
+        ct:log("k2 reached k1@theta again ~p ms after the helper restarted", [Micros div 1000]),
+        ?assertEqual(pong, Pong)
+    after
+        peer:stop(K1), peer:stop(K2)
+    end.
+
+%% A node whose helper cannot be found stops at boot, saying why.
+missing_helper(Config) ->
+    Config1 = lists:keystore(helper, 1, Config, {helper, "/nonexistent/tsdist"}),
+    {error, Reason} = start_node_result(Config1, m, "kappa", []),
+    ct:log("boot without a helper: ~p", [Reason]).
+
+%% A node name whose host part cannot be a tailnet hostname is refused at
+%% boot by the helper.
+illegal_hostname(Config) ->
+    {error, Reason} = start_node_result(Config, i, "bad_host", []),
+    ct:log("boot as i@bad_host: ~p", [Reason]).
+
 %%% On the nodes under test
 
 echo_loop() ->
@@ -283,6 +332,20 @@ start_node_result(Config, Name, Host, Args, Long) ->
         {error, _} = E -> E
     catch
         exit:Reason -> {error, Reason}
+    end.
+
+wait_exit(Node, Pid, Timeout) ->
+    peer:call(Node, erlang, apply, [fun() ->
+        Ref = monitor(process, Pid),
+        receive {'DOWN', Ref, process, Pid, Reason} -> Reason after Timeout -> timeout end
+    end, []], Timeout + 1000).
+
+ping_until_pong(_Node, _Target, 0) ->
+    pang;
+ping_until_pong(Node, Target, N) ->
+    case peer:call(Node, net_adm, ping, [Target], 15000) of
+        pong -> pong;
+        pang -> timer:sleep(200), ping_until_pong(Node, Target, N - 1)
     end.
 
 connect_all(Config) ->
