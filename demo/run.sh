@@ -2,7 +2,10 @@
 # The tsdist demo: an offline tailnet on loopback, two tsdist helpers (alpha
 # and beta) on it, and a client that listens through alpha and dials alpha by
 # name through beta, echoing through a connection it holds as a plain file
-# descriptor. Everything it starts is stopped by PID when it ends.
+# descriptor. Then a BEAM cluster on the same tailnet: Erlang nodes app@alpha
+# and app@beta (attached to those helpers) and an Elixir node ex@gamma (which
+# starts its own helper) find each other by hostname. Everything it starts
+# is stopped by PID when it ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-bin}
@@ -50,4 +53,20 @@ echo "== the tailnet as beta sees it (tsdist status)"
 
 echo "== echo: listen through alpha, dial \"alpha\" through beta"
 "$BIN/echo" --serve-socket "$work/alpha.sock" --dial-socket "$work/beta.sock" --host alpha | sed 's/^/   /'
+ebin=_build/default/lib/tsdist/ebin
+dist=(-proto_dist tailscale -start_epmd false -epmd_module tailscale_epmd)
+for host in alpha beta; do
+	echo "== starting Erlang node app@$host on helper $host"
+	TSDIST_SOCKET="$work/$host.sock" erl -noshell -pa "$ebin" "${dist[@]}" -sname "app@$host" \
+		-setcookie tsdist-demo -eval 'receive after infinity -> ok end' >"$work/app-$host.log" 2>&1 &
+	pids+=($!)
+done
+for host in alpha beta; do
+	wait_for "app@$host to register on $host's tailnet EPMD" sh -c "'$BIN/tsdist' names $host --socket '$work/$host.sock' | grep -q 'name app '"
+done
+echo "== Elixir node ex@gamma (its own helper) joins and finds them by hostname"
+mkdir -p "$work/run"
+XDG_RUNTIME_DIR="$work/run" TSDIST_HELPER="$PWD/$BIN/tsdist" TS_CONTROL_URL="$url" TS_STATE_DIR="$work/gamma" \
+	elixir --sname ex@gamma --cookie tsdist-demo --erl "-pa $ebin ${dist[*]}" demo/cluster.exs 2>"$work/gamma.log" ||
+	{ cat "$work/gamma.log" >&2; exit 1; }
 echo "== done; stopping everything"

@@ -19,7 +19,7 @@
          names_over_tailnet/1, two_nodes_one_host/1, duplicate_name_refused/1,
          hidden_node/1, wrong_cookie/1, unknown_host_fails_fast/1, long_names/1,
          peer_identity_in_address/1, helper_killed/1, missing_helper/1,
-         illegal_hostname/1]).
+         illegal_hostname/1, elixir_node_connect/1]).
 %% run on the nodes under test
 -export([echo_loop/0, collect/2]).
 
@@ -33,7 +33,7 @@ all() ->
      big_binary, many_small_messages, names_over_tailnet, two_nodes_one_host,
      duplicate_name_refused, hidden_node, wrong_cookie, unknown_host_fails_fast,
      long_names, peer_identity_in_address, helper_killed, missing_helper,
-     illegal_hostname].
+     illegal_hostname, elixir_node_connect].
 
 init_per_suite(Config) ->
     Helper = case os:getenv("TSDIST_HELPER") of
@@ -272,6 +272,38 @@ missing_helper(Config) ->
 illegal_hostname(Config) ->
     {error, Reason} = start_node_result(Config, i, "bad_host", []),
     ct:log("boot as i@bad_host: ~p", [Reason]).
+
+%% An Elixir node joins with Node.connect/1 over the carrier.
+elixir_node_connect(Config) ->
+    Elixir = case os:find_executable("elixir") of
+                 false -> ct:fail("elixir is not installed (scripts/install-deps.sh installs it)");
+                 E -> E
+             end,
+    RunDir = ?config(run_dir, Config),
+    Ebin = filename:dirname(code:which(tailscale_dist)),
+    Script = "IO.inspect({Node.connect(:a@alpha), :erpc.call(:a@alpha, :erlang, :node, []), "
+             "Node.list(), :tailscale_helper.hostname()})",
+    Port = open_port({spawn_executable, Elixir},
+                     [{args, ["--sname", "ex@lambda", "--cookie", ?COOKIE,
+                              "--erl", "-pa " ++ Ebin ++ " -proto_dist tailscale -start_epmd false",
+                              "-e", Script]},
+                      {env, [{"TS_CONTROL_URL", ?config(control_url, Config)},
+                             {"TSDIST_HELPER", ?config(helper, Config)},
+                             {"XDG_RUNTIME_DIR", RunDir},
+                             {"TS_STATE_DIR", filename:join([RunDir, "state", "lambda"])}]},
+                      exit_status, use_stdio, stderr_to_stdout, {line, 4096}]),
+    {0, Lines} = collect_port(Port, [], 60000),
+    ct:log("elixir said:~n~ts", [lists:join("\n", Lines)]),
+    ?assert(lists:member("{true, :a@alpha, [:a@alpha], 'lambda'}", Lines)).
+
+collect_port(Port, Acc, Timeout) ->
+    receive
+        {Port, {data, {_, Line}}} -> collect_port(Port, [Line | Acc], Timeout);
+        {Port, {exit_status, Status}} -> {Status, lists:reverse(Acc)}
+    after Timeout ->
+        port_close(Port),
+        {timeout, lists:reverse(Acc)}
+    end.
 
 %%% On the nodes under test
 
