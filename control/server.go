@@ -55,6 +55,8 @@ type Server struct {
 	clients   map[*client]struct{}
 	listeners map[int]*tailnetListener // by tailnet port
 	bridges   map[*bridge]struct{}
+	// lastCarried is when the last carried connection ended.
+	lastCarried time.Time
 }
 
 type tailnetListener struct {
@@ -175,6 +177,19 @@ func (s *Server) Close() error {
 	s.mu.Unlock()
 	s.wg.Wait()
 	return nil
+}
+
+// LastCarried reports when a carried connection last ended: now, while
+// some are still open. A connection's closing packets leave the node's
+// network stack shortly after it ends, so a helper that is shutting down
+// waits a moment after this before it closes the node.
+func (s *Server) LastCarried() time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.bridges) > 0 {
+		return time.Now()
+	}
+	return s.lastCarried
 }
 
 // Stats reports the helper's resource use.
@@ -508,6 +523,7 @@ func (c *client) carry(conn net.Conn, msg any) error {
 	unregister := func() {
 		s.mu.Lock()
 		delete(s.bridges, b)
+		s.lastCarried = time.Now()
 		s.mu.Unlock()
 	}
 	err = c.send(msg, far)

@@ -35,7 +35,7 @@
 -define(PROTOCOL, tailscale).
 -define(FAMILY, inet).
 
--record(listener, {port :: 1..65535}).
+-record(listener, {port :: 1..65535, name :: atom()}).
 
 %% The helper's process starts before net_kernel, under net_sup.
 -spec childspecs() -> {ok, [supervisor:child_spec()]}.
@@ -54,11 +54,13 @@ select(Node) ->
 
 -spec address() -> #net_address{}.
 address() ->
-    #net_address{host = tailscale_helper:hostname(), protocol = ?PROTOCOL, family = ?FAMILY}.
+    {ok, Host} = inet:gethostname(),
+    #net_address{host = Host, protocol = ?PROTOCOL, family = ?FAMILY}.
 
 -spec listen(atom()) -> {ok, {#listener{}, #net_address{}, pos_integer()}} | {error, term()}.
 listen(Name) ->
-    listen(Name, tailscale_helper:hostname()).
+    {ok, Host} = inet:gethostname(),
+    listen(Name, Host).
 
 %% Listens on a free tailnet port and registers Name there on this host's
 %% tailnet EPMD. Both belong to tailscale_helper's control connection, so
@@ -66,6 +68,12 @@ listen(Name) ->
 -spec listen(atom(), string()) ->
           {ok, {#listener{}, #net_address{}, pos_integer()}} | {error, term()}.
 listen(Name, Host) ->
+    case tailscale_helper:start(Host) of
+        ok -> listen_and_register(Name, Host);
+        {error, Reason} -> {error, {tailnet, Reason}}
+    end.
+
+listen_and_register(Name, Host) ->
     case tailscale_helper:listen(0) of
         {ok, Port} ->
             Hidden = hidden(),
@@ -73,10 +81,12 @@ listen(Name, Host) ->
                 {ok, Creation} ->
                     Address = #net_address{address = listen_address(Port), host = Host,
                                            protocol = ?PROTOCOL, family = ?FAMILY},
-                    {ok, {#listener{port = Port}, Address, Creation}};
+                    {ok, {#listener{port = Port, name = Name}, Address, Creation}};
                 {error, duplicate_name} = E ->
+                    _ = tailscale_helper:unlisten(Port),
                     E;
                 {error, Reason} ->
+                    _ = tailscale_helper:unlisten(Port),
                     {error, {tailnet_epmd, Reason}}
             end;
         {error, Reason} ->
@@ -144,6 +154,10 @@ setup(Node, Type, MyNode, LongOrShortNames, SetupTime) ->
 do_setup(Kernel, Node, Type, MyNode, LongOrShortNames, SetupTime) ->
     Timer = dist_util:start_timer(SetupTime),
     {Name, Host} = split_node(Node, LongOrShortNames),
+    %% A node that does not listen (-dist_listen false) joins the tailnet
+    %% on its first connection.
+    {_, MyHost} = split_node(MyNode, LongOrShortNames),
+    ok =:= tailscale_helper:start(MyHost) orelse setup_failed(Node, {tailnet, not_started}),
     TimeoutMs = max(1000, SetupTime),
     case tailscale_helper:port_please(Name, Host, TimeoutMs) of
         {ok, Port, Version} ->
@@ -161,17 +175,24 @@ do_setup(Kernel, Node, Type, MyNode, LongOrShortNames, SetupTime) ->
                                request_type = Type},
                     dist_util:handshake_we_started(HSData);
                 {error, Reason} ->
-                    ?shutdown2(Node, {tailnet_dial, Host, Reason})
+                    setup_failed(Node, {tailnet_dial, Host, Port, Reason})
             end;
         {error, Reason} ->
-            ?shutdown2(Node, {tailnet_epmd, Host, Reason})
+            setup_failed(Node, {tailnet_epmd, Host, Reason})
     end.
 
+%% net_kernel says only `pang'; the log says why.
+setup_failed(Node, Reason) ->
+    logger:notice("tailscale_dist: cannot connect to ~p: ~tp", [Node, Reason]),
+    ?shutdown2(Node, Reason).
+
+%% Distribution stops (net_kernel:stop/0): the node leaves its host's
+%% tailnet EPMD and stops listening, as it would with TCP. The helper
+%% stays, so the node can start distribution again.
 -spec close(#listener{}) -> ok.
-close(#listener{}) ->
-    %% The helper closes the listener and ends the registration when the
-    %% node's control connection closes; net_kernel calls this only as the
-    %% node stops distribution.
+close(#listener{port = Port, name = Name}) ->
+    _ = tailscale_helper:unregister_node(Name),
+    _ = tailscale_helper:unlisten(Port),
     ok.
 
 -spec is_node_name(node()) -> boolean().

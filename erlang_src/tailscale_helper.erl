@@ -39,9 +39,9 @@
 -compile(warn_missing_spec).
 -behaviour(gen_server).
 
--export([start_link/0, hostname/0, hello/0, info/0,
-         listen/1, set_acceptor/2, dial/3,
-         register_node/3, port_please/3, names/2, status/0, whois/1,
+-export([start_link/0, start/1, hostname/0, hello/0, info/0,
+         listen/1, unlisten/1, set_acceptor/2, dial/3,
+         register_node/3, unregister_node/1, port_please/3, names/2, status/0, whois/1,
          request/2]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
@@ -60,19 +60,28 @@
 
 %%% API
 
+%% Brings this node onto the tailnet as device Host's first label (`alpha'
+%% for "alpha" and for "alpha.example.ts.net"): starts the helper, or
+%% attaches to one, and says hello. Blocks the caller, never a scheduler,
+%% until the helper answers; starting again with the same host is a no-op.
+-spec start(string()) -> ok | {error, term()}.
+start(Host) ->
+    gen_server:call(?MODULE, {start, hd(string:split(Host, "."))}, infinity).
+
 -spec start_link() -> {ok, pid()} | {error, term()}.
 start_link() ->
     gen_server:start_link({local, ?MODULE}, ?MODULE, [], [{timeout, infinity}]).
 
-%% The tailnet hostname of this node.
--spec hostname() -> string().
+%% The tailnet hostname of this node; undefined before start/1.
+-spec hostname() -> string() | undefined.
 hostname() ->
     gen_server:call(?MODULE, hostname).
 
 %% What this node's link to the tailnet looks like: the tailnet hostname,
 %% the helper's OS pid when this node started it (undefined when attached
-%% to another's or while it is down), why it is down if it is, and the ports
-%% and names to restore on a new helper.
+%% to another's or while it is down), why it is down if it is, how many
+%% passed connections are open, and the ports and names to restore on a
+%% new helper.
 -spec info() -> #{atom() => term()}.
 info() ->
     gen_server:call(?MODULE, info).
@@ -88,6 +97,14 @@ hello() ->
 listen(Port) ->
     case request(#{op => listen, port => Port, timeout_ms => up_timeout()}, up_timeout() + 5000) of
         {ok, #{<<"port">> := P}} -> {ok, P};
+        {error, _} = E -> E
+    end.
+
+%% Stops listening on a tailnet port.
+-spec unlisten(1..65535) -> ok | {error, proto_error()}.
+unlisten(Port) ->
+    case request(#{op => unlisten, port => Port}, 15000) of
+        {ok, _} -> ok;
         {error, _} = E -> E
     end.
 
@@ -112,6 +129,14 @@ register_node(Name, Port, Hidden) ->
     case request(#{op => register, name => to_bin(Name), port => Port, hidden => Hidden}, 15000) of
         {ok, #{<<"creation">> := Creation}} -> {ok, Creation};
         {error, {name_taken, _}} -> {error, duplicate_name};
+        {error, _} = E -> E
+    end.
+
+%% Ends a registration made with register_node/3.
+-spec unregister_node(string() | atom()) -> ok | {error, proto_error()}.
+unregister_node(Name) ->
+    case request(#{op => unregister, name => to_bin(Name)}, 15000) of
+        {ok, _} -> ok;
         {error, _} = E -> E
     end.
 
@@ -164,8 +189,8 @@ request(Req, Timeout) ->
 -record(st, {
     sock :: socket:socket() | undefined,  % undefined while the helper is down
     helper :: port() | undefined,   % the helper we started, if any
-    hostname :: string(),
-    hello :: map(),
+    hostname :: string() | undefined,     % undefined until start/1
+    hello = #{} :: map(),
     buf = <<>> :: binary(),
     fds = queue:new() :: queue:queue(integer()),
     next_id = 2 :: pos_integer(),
@@ -181,26 +206,40 @@ request(Req, Timeout) ->
     backoff = ?MIN_BACKOFF :: pos_integer()
 }).
 
--spec init([]) -> {ok, #st{}} | {stop, term()}.
+%% Nothing happens until start/1: the tailnet hostname comes from the node
+%% name, which net_kernel passes to tailscale_dist:listen/2 after this
+%% process has started (and which net_kernel:start/1 can choose at run
+%% time).
+-spec init([]) -> {ok, #st{}}.
 init([]) ->
     process_flag(trap_exit, true),
-    Hostname = tailnet_hostname(),
+    {ok, #st{sock = undefined, down = not_started}}.
+
+-spec handle_call(term(), gen_server:from(), #st{}) -> {reply, term(), #st{}} | {noreply, #st{}}.
+handle_call({start, Hostname}, _From, #st{hostname = undefined} = St0) ->
     case connect(Hostname) of
         {ok, Sock, Helper} ->
             case hello_exchange(Sock) of
                 {ok, Hello} ->
-                    St = #st{sock = Sock, helper = Helper, hostname = Hostname, hello = Hello},
-                    {ok, read_more(St)};
+                    St = St0#st{sock = Sock, helper = Helper, hostname = Hostname,
+                                hello = Hello, down = undefined},
+                    try {reply, ok, read_more(St)}
+                    catch throw:{control_broken, Reason} ->
+                            {reply, {error, Reason}, stop_and_forget(St)}
+                    end;
                 {error, Reason} ->
+                    close_control(Sock),
                     stop_helper(Helper),
-                    {stop, {tailscale_helper, Reason}}
+                    {reply, {error, Reason}, St0}
             end;
         {error, Reason} ->
-            logger:error("tsdist: cannot reach the tailnet: ~tp", [Reason]),
-            {stop, {tailscale_helper, Reason}}
-    end.
-
--spec handle_call(term(), gen_server:from(), #st{}) -> {reply, term(), #st{}} | {noreply, #st{}}.
+            logger:error("tsdist: cannot reach the tailnet as ~s: ~tp", [Hostname, Reason]),
+            {reply, {error, Reason}, St0}
+    end;
+handle_call({start, Hostname}, _From, #st{hostname = Hostname} = St) ->
+    {reply, ok, St};
+handle_call({start, Hostname}, _From, St) ->
+    {reply, {error, {already_started_as, St#st.hostname, Hostname}}, St};
 handle_call(hostname, _From, St) ->
     {reply, St#st.hostname, St};
 handle_call(info, _From, St) ->
@@ -209,6 +248,7 @@ handle_call(info, _From, St) ->
                 Port -> element(2, erlang:port_info(Port, os_pid))
             end,
     {reply, #{hostname => St#st.hostname, helper_os_pid => OsPid, down => St#st.down,
+              connections => map_size(St#st.fd_ports),
               listens => St#st.listens, registrations => maps:keys(St#st.registrations)}, St};
 handle_call(hello, _From, St) ->
     {reply, St#st.hello, St};
@@ -318,8 +358,17 @@ remember(#{op := register, name := N, port := P, hidden := H}, #{<<"ok">> := tru
     St#st{registrations = (St#st.registrations)#{N => {P, H}}};
 remember(#{op := unregister, name := N}, #{<<"ok">> := true}, St) ->
     St#st{registrations = maps:remove(N, St#st.registrations)};
+remember(#{op := unlisten, port := P}, #{<<"ok">> := true}, St) ->
+    St#st{listens = lists:delete(P, St#st.listens),
+          acceptors = maps:remove(P, St#st.acceptors)};
 remember(_, _, St) ->
     St.
+
+%% A start that failed after connecting: back to the state before it.
+stop_and_forget(St) ->
+    close_control(St#st.sock),
+    stop_helper(St#st.helper),
+    St#st{sock = undefined, helper = undefined, hostname = undefined, down = not_started}.
 
 close_control(undefined) -> ok;
 close_control(Sock) -> _ = socket:close(Sock), ok.
@@ -613,24 +662,6 @@ default_socket(Hostname) ->
 uid() ->
     {ok, Info} = prim_file:read_file_info("/proc/self"),
     integer_to_list(Info#file_info.uid).
-
-%% The host part of the node name given on the command line, first label
-%% only: the tailnet hostname.
-tailnet_hostname() ->
-    hd(string:split(node_host(), ".")).
-
-node_host() ->
-    Arg = case init:get_argument(sname) of
-              {ok, [[N | _] | _]} -> N;
-              _ -> case init:get_argument(name) of
-                       {ok, [[N | _] | _]} -> N;
-                       _ -> ""
-                   end
-          end,
-    case string:split(Arg, "@") of
-        [_, Host] when Host =/= "" -> Host;
-        _ -> {ok, H} = inet:gethostname(), H
-    end.
 
 to_bin(B) when is_binary(B) -> B;
 to_bin(A) when is_atom(A) -> atom_to_binary(A, utf8);

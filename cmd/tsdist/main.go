@@ -16,6 +16,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
+	"syscall"
 )
 
 // version is the helper's version, reported by hello and `tsdist version`.
@@ -125,7 +127,13 @@ func parseFlagsWithArg(fs *flag.FlagSet, args []string, what string) (string, er
 // stopOnStdinClose calls stop once standard input ends: a parent that
 // runs tsdist as a port program (a BEAM node, a test) closes it by exiting,
 // however it exits, so the helper cannot outlive it.
+//
+// The parent that is gone also held the read end of our stdout and stderr:
+// a log line written there now would raise SIGPIPE, which kills a Go
+// program writing to fd 1 or 2, before it could close its connections
+// cleanly. So SIGPIPE is ignored, and such writes just fail.
 func stopOnStdinClose(stop func(), say func(string, ...any)) {
+	signal.Ignore(syscall.SIGPIPE)
 	io.Copy(io.Discard, os.Stdin)
 	say("standard input closed; shutting down")
 	stop()

@@ -100,7 +100,16 @@ func runServe(args []string) error {
 	srv := control.NewServer(node, version, say)
 	served := make(chan error, 2) // the control socket's and EPMD's
 	go func() { served <- fmt.Errorf("control socket: %w", srv.Serve(ln)) }()
-	defer srv.Close()
+	defer func() {
+		srv.Close()
+		// Peers learn that their connections ended from the FIN or RST
+		// the node sends; closing the node at once would drop those, and
+		// peers would find out only at their next keepalive (a BEAM
+		// node: net_ticktime).
+		if wait := finGrace - time.Since(srv.LastCarried()); wait > 0 {
+			time.Sleep(wait)
+		}
+	}()
 
 	// Every tailnet peer can reach the EPMD port, so its complaints are
 	// rate-limited: a flood of bad requests must not flood the log.
@@ -143,6 +152,10 @@ func runServe(args []string) error {
 		}
 	}
 }
+
+// finGrace is how long shutdown lets connections that just ended send their
+// last packets.
+const finGrace = 300 * time.Millisecond
 
 // nodeCloseTime bounds how long shutdown waits for the node to close.
 const nodeCloseTime = 3 * time.Second

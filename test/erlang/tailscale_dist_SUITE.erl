@@ -19,7 +19,8 @@
          names_over_tailnet/1, two_nodes_one_host/1, duplicate_name_refused/1,
          hidden_node/1, wrong_cookie/1, unknown_host_fails_fast/1, long_names/1,
          peer_identity_in_address/1, helper_killed/1, missing_helper/1,
-         illegal_hostname/1, elixir_node_connect/1]).
+         illegal_hostname/1, elixir_node_connect/1, connect_disconnect_cycles/1,
+         stop_distribution/1, peer_stops/1]).
 %% run on the nodes under test
 -export([echo_loop/0, collect/2]).
 
@@ -33,7 +34,8 @@ all() ->
      big_binary, many_small_messages, names_over_tailnet, two_nodes_one_host,
      duplicate_name_refused, hidden_node, wrong_cookie, unknown_host_fails_fast,
      long_names, peer_identity_in_address, helper_killed, missing_helper,
-     illegal_hostname, elixir_node_connect].
+     illegal_hostname, elixir_node_connect, connect_disconnect_cycles,
+     stop_distribution, peer_stops].
 
 init_per_suite(Config) ->
     Helper = case os:getenv("TSDIST_HELPER") of
@@ -305,6 +307,81 @@ collect_port(Port, Acc, Timeout) ->
         {timeout, lists:reverse(Acc)}
     end.
 
+%% Connections that come and go leave no descriptor behind in either node
+%% (gen_tcp:fdopen never closes one; tailscale_helper must), and a
+%% disconnect is seen by the other side at once, not at the next tick.
+connect_disconnect_cycles(Config) ->
+    %% Nodes of their own: global on the suite's nodes would reconnect them.
+    Args = ["-connect_all", "false"],
+    {A, _} = start_node(Config, cy1, "rho", Args),
+    {B, _} = start_node(Config, cy2, "sigma", Args),
+    try
+        Cycle = fun() ->
+                        pong = peer:call(A, net_adm, ping, [cy2@sigma]),
+                        true = peer:call(A, erlang, disconnect_node, [cy2@sigma]),
+                        wait_until(fun() -> peer:call(B, erlang, nodes, []) =:= [] end)
+                end,
+        Cycle(),
+        Base = {open_fds(A), open_fds(B)},
+        N = 30,
+        {Micros, _} = timer:tc(fun() -> [Cycle() || _ <- lists:seq(1, N)] end),
+        ct:log("~p connect/disconnect cycles in ~p ms; fds before ~p", [N, Micros div 1000, Base]),
+        wait_until(fun() -> {open_fds(A), open_fds(B)} =:= Base end),
+        ?assertMatch(#{connections := 0}, peer:call(A, tailscale_helper, info, [])),
+        ?assertMatch(#{connections := 0}, peer:call(B, tailscale_helper, info, []))
+    after
+        peer:stop(A), peer:stop(B)
+    end.
+
+%% Distribution started at run time (net_kernel:start/1) joins the tailnet
+%% under the name given then; net_kernel:stop/0 takes the node off its
+%% host's tailnet EPMD and off the tailnet.
+stop_distribution(Config) ->
+    [{A, _}, _, _] = ?config(nodes, Config),
+    {P, nonode@nohost} = start_node(Config, undefined, "mu"),
+    try
+        {ok, _} = peer:call(P, net_kernel, start, [[s@mu, shortnames]], 30000),
+        ?assertEqual(s@mu, peer:call(P, erlang, node, [])),
+        ?assertEqual(pong, peer:call(A, net_adm, ping, [s@mu])),
+        {ok, [{"s", _}]} = peer:call(A, net_adm, names, [mu]),
+        ok = peer:call(P, net_kernel, stop, []),
+        ?assertEqual(pang, peer:call(A, net_adm, ping, [s@mu], 15000)),
+        %% Again, under another name, on a new helper: its first packets to
+        %% alpha can wait for alpha to learn the new helper's keys.
+        {ok, _} = peer:call(P, net_kernel, start, [[s2@mu, shortnames]], 30000),
+        {Micros, Pong} = timer:tc(fun() -> ping_until_pong(P, a@alpha, 30) end),
+        ct:log("s2@mu reached a@alpha ~p ms after distribution restarted", [Micros div 1000]),
+        ?assertEqual(pong, Pong),
+        {ok, Names} = peer:call(A, net_adm, names, [mu]),
+        ?assertEqual(["s2"], [N || {N, _} <- Names])
+    after
+        peer:stop(P)
+    end.
+
+%% A node that stops (and its helper with it) is seen going down at once,
+%% as with TCP, not at the next tick (net_ticktime is 60 s here).
+peer_stops(Config) ->
+    [{A, _}, _, _] = ?config(nodes, Config),
+    {P, _} = start_node(Config, o, "omicron"),
+    pong = peer:call(A, net_adm, ping, [o@omicron]),
+    Watcher = peer:call(A, erlang, spawn, [fun() ->
+        monitor_node(o@omicron, true),
+        receive start -> ok end,
+        T0 = erlang:monotonic_time(millisecond),
+        receive {nodedown, o@omicron} -> exit({nodedown_after_ms, erlang:monotonic_time(millisecond) - T0})
+        after 30000 -> exit(no_nodedown)
+        end
+    end]),
+    peer:call(A, erlang, send, [Watcher, start]),
+    peer:stop(P),
+    {nodedown_after_ms, Ms} = wait_exit(A, Watcher, 40000),
+    ct:log("a@alpha saw o@omicron go down ~p ms after it was stopped", [Ms]),
+    ?assert(Ms < 5000).
+
+open_fds(Node) ->
+    {ok, Fds} = peer:call(Node, file, list_dir, ["/proc/self/fd"]),
+    length(Fds).
+
 %%% On the nodes under test
 
 echo_loop() ->
@@ -359,7 +436,11 @@ start_node_result(Config, Name, Host, Args, Long) ->
                      {"TSDIST_HELPER", ?config(helper, Config)},
                      {"XDG_RUNTIME_DIR", RunDir},
                      {"TS_STATE_DIR", filename:join([RunDir, "state", Label])}]},
-    try peer:start_link(Opts) of
+    Opts1 = case Name of
+                undefined -> maps:without([name, host, longnames], Opts); % not distributed
+                _ -> Opts
+            end,
+    try peer:start_link(Opts1) of
         {ok, P, N} -> unlink(P), {ok, P, N};
         {error, _} = E -> E
     catch
