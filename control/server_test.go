@@ -11,12 +11,12 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/tsdist/tsdist/carrier"
 	"github.com/tsdist/tsdist/devnet"
+	"github.com/tsdist/tsdist/internal/nettest"
 )
 
 // These tests speak the control protocol byte by byte, as a client in
@@ -405,31 +405,6 @@ func startTailnet(t *testing.T, ctx context.Context, hostnames ...string) []*car
 	return nodes
 }
 
-// sink accepts connections on ln and holds them open until the test ends.
-func sink(t *testing.T, ln net.Listener) {
-	var mu sync.Mutex
-	var conns []net.Conn
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		mu.Unlock()
-	})
-}
-
 // TestServerDialFreesInFlightSlot: a dial's request gives its in-flight slot
 // back once it is answered, and the connection it made is carried outside
 // any slot, so with MaxInFlight dialled connections open the control
@@ -445,7 +420,7 @@ func TestServerDialFreesInFlightSlot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sink(t, ln)
+	nettest.Silent(t, ln)
 	path, _ := serve(t, nodes[0])
 	rc := dialRaw(t, path)
 	rc.hello()

@@ -203,17 +203,11 @@ func readPort2Response(r io.Reader) (Node, error) {
 	if hdr[1] != 0 {
 		return Node{}, ErrNotRegistered
 	}
-	var fixed [8]byte
+	var fixed [nodeFixedLen]byte
 	if _, err := io.ReadFull(r, fixed[:]); err != nil {
 		return Node{}, fmt.Errorf("%w: PORT2_RESP: %w", ErrMalformed, noEOF(err))
 	}
-	n := Node{
-		Port:           binary.BigEndian.Uint16(fixed[0:]),
-		Type:           fixed[2],
-		Protocol:       fixed[3],
-		HighestVersion: binary.BigEndian.Uint16(fixed[4:]),
-		LowestVersion:  binary.BigEndian.Uint16(fixed[6:]),
-	}
+	n := parseNodeFixed(fixed[:])
 	name, err := readField(r, MaxNameLen, "name")
 	if err != nil {
 		return Node{}, err

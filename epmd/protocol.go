@@ -221,13 +221,7 @@ func parseAlive2(b []byte) (Node, error) {
 	if len(b) < fixed {
 		return Node{}, fmt.Errorf("%w: ALIVE2_REQ of %d bytes is too short", ErrMalformed, len(b)+1)
 	}
-	n := Node{
-		Port:           binary.BigEndian.Uint16(b[0:]),
-		Type:           b[2],
-		Protocol:       b[3],
-		HighestVersion: binary.BigEndian.Uint16(b[4:]),
-		LowestVersion:  binary.BigEndian.Uint16(b[6:]),
-	}
+	n := parseNodeFixed(b)
 	nlen := int(binary.BigEndian.Uint16(b[8:]))
 	rest := b[fixed:]
 	if len(rest) < nlen+2 {
@@ -251,10 +245,25 @@ func appendRequestHeader(b []byte, n int) []byte {
 	return binary.BigEndian.AppendUint16(b, uint16(n))
 }
 
-// appendAlive2Request appends a complete ALIVE2_REQ (with length prefix).
-func appendAlive2Request(b []byte, n Node) []byte {
-	b = appendRequestHeader(b, 13+len(n.Name)+len(n.Extra))
-	b = append(b, tagAlive2Req)
+// nodeFixedLen is the size of the fields ALIVE2_REQ and PORT2_RESP both
+// start a node with: PortNo(2) NodeType(1) Protocol(1) HighestVersion(2)
+// LowestVersion(2).
+const nodeFixedLen = 8
+
+// parseNodeFixed reads those fields from the first nodeFixedLen bytes of b.
+func parseNodeFixed(b []byte) Node {
+	return Node{
+		Port:           binary.BigEndian.Uint16(b[0:]),
+		Type:           b[2],
+		Protocol:       b[3],
+		HighestVersion: binary.BigEndian.Uint16(b[4:]),
+		LowestVersion:  binary.BigEndian.Uint16(b[6:]),
+	}
+}
+
+// appendNode appends a node as ALIVE2_REQ and PORT2_RESP carry it: the
+// fixed fields, then Nlen(2) NodeName Elen(2) Extra.
+func appendNode(b []byte, n Node) []byte {
 	b = binary.BigEndian.AppendUint16(b, n.Port)
 	b = append(b, n.Type, n.Protocol)
 	b = binary.BigEndian.AppendUint16(b, n.HighestVersion)
@@ -263,6 +272,13 @@ func appendAlive2Request(b []byte, n Node) []byte {
 	b = append(b, n.Name...)
 	b = binary.BigEndian.AppendUint16(b, uint16(len(n.Extra)))
 	return append(b, n.Extra...)
+}
+
+// appendAlive2Request appends a complete ALIVE2_REQ (with length prefix).
+func appendAlive2Request(b []byte, n Node) []byte {
+	b = appendRequestHeader(b, 1+nodeFixedLen+4+len(n.Name)+len(n.Extra))
+	b = append(b, tagAlive2Req)
+	return appendNode(b, n)
 }
 
 // refusedCreation is the creation real EPMD puts in a refusal.
@@ -295,14 +311,7 @@ func appendPort2Response(b []byte, n *Node) []byte {
 		return append(b, tagPort2Resp, 1)
 	}
 	b = append(b, tagPort2Resp, 0)
-	b = binary.BigEndian.AppendUint16(b, n.Port)
-	b = append(b, n.Type, n.Protocol)
-	b = binary.BigEndian.AppendUint16(b, n.HighestVersion)
-	b = binary.BigEndian.AppendUint16(b, n.LowestVersion)
-	b = binary.BigEndian.AppendUint16(b, uint16(len(n.Name)))
-	b = append(b, n.Name...)
-	b = binary.BigEndian.AppendUint16(b, uint16(len(n.Extra)))
-	return append(b, n.Extra...)
+	return appendNode(b, *n)
 }
 
 // appendNamesResponse appends the answer to a NAMES_REQ: EPMD's own port

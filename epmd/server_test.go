@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/tsdist/tsdist/internal/leakcheck"
+	"github.com/tsdist/tsdist/internal/nettest"
 )
 
 // These tests run the Server on a real TCP listener on 127.0.0.1 and talk
@@ -901,29 +902,7 @@ func silentListener(t *testing.T) (port uint16) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var (
-		mu    sync.Mutex
-		conns []net.Conn
-		wg    sync.WaitGroup
-	)
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			conns = append(conns, c)
-			mu.Unlock()
-		}
-	})
-	t.Cleanup(func() {
-		ln.Close()
-		wg.Wait()
-		for _, c := range conns {
-			c.Close()
-		}
-	})
+	nettest.Silent(t, ln)
 	return uint16(ln.Addr().(*net.TCPAddr).Port)
 }
 

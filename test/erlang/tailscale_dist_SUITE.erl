@@ -238,14 +238,7 @@ helper_killed(Config) ->
         pong = peer:call(K2, net_adm, ping, [k1@theta]),
         #{helper_os_pid := OsPid} = peer:call(K1, tailscale_helper, info, []),
         ?assert(is_integer(OsPid)),
-        Watcher = peer:call(K2, erlang, spawn, [fun() ->
-            monitor_node(k1@theta, true),
-            receive start -> ok end,
-            T0 = erlang:monotonic_time(millisecond),
-            receive {nodedown, k1@theta} -> exit({nodedown_after_ms, erlang:monotonic_time(millisecond) - T0})
-            after 20000 -> exit(no_nodedown)
-            end
-        end]),
+        Watcher = nodedown_watcher(K2, k1@theta),
         os:cmd("kill -9 " ++ integer_to_list(OsPid)),
         peer:call(K2, erlang, send, [Watcher, start]),
         {nodedown_after_ms, Ms} = wait_exit(K2, Watcher, 30000),
@@ -364,14 +357,7 @@ peer_stops(Config) ->
     [{A, _}, _, _] = ?config(nodes, Config),
     {P, _} = start_node(Config, o, "omicron"),
     pong = peer:call(A, net_adm, ping, [o@omicron]),
-    Watcher = peer:call(A, erlang, spawn, [fun() ->
-        monitor_node(o@omicron, true),
-        receive start -> ok end,
-        T0 = erlang:monotonic_time(millisecond),
-        receive {nodedown, o@omicron} -> exit({nodedown_after_ms, erlang:monotonic_time(millisecond) - T0})
-        after 30000 -> exit(no_nodedown)
-        end
-    end]),
+    Watcher = nodedown_watcher(A, o@omicron),
     peer:call(A, erlang, send, [Watcher, start]),
     peer:stop(P),
     {nodedown_after_ms, Ms} = wait_exit(A, Watcher, 40000),
@@ -446,6 +432,18 @@ start_node_result(Config, Name, Host, Args, Long) ->
     catch
         exit:Reason -> {error, Reason}
     end.
+
+%% A process on Node that, once sent `start', exits with how long it then
+%% took Target to go down; wait_exit/3 collects that.
+nodedown_watcher(Node, Target) ->
+    peer:call(Node, erlang, spawn, [fun() ->
+        monitor_node(Target, true),
+        receive start -> ok end,
+        T0 = erlang:monotonic_time(millisecond),
+        receive {nodedown, Target} -> exit({nodedown_after_ms, erlang:monotonic_time(millisecond) - T0})
+        after 30000 -> exit(no_nodedown)
+        end
+    end]).
 
 wait_exit(Node, Pid, Timeout) ->
     peer:call(Node, erlang, apply, [fun() ->
