@@ -245,19 +245,26 @@ func (n *Node) Dial(ctx context.Context, host string, port uint16) (net.Conn, er
 	return c, nil
 }
 
-// Disco pings to a peer that does not yet know this node: how long one
-// waits for its pong, and how long before the next.
+// Disco pings to a peer that may not yet know this node: how long one
+// waits for its pong, how long before the next, and how long a dial waits
+// for any pong at all before it goes ahead.
 const (
 	discoPingTimeout = 250 * time.Millisecond
 	discoPingPause   = 50 * time.Millisecond
+	knownByWait      = time.Second
 )
 
 // awaitKnownBy returns once the peer at addr knows this node, so that the
 // connection's first WireGuard handshake is answered. A node that has just
 // joined reaches peers before the control server has told them about it;
 // they drop its handshake, and WireGuard retries only after 5 s. A disco
-// pong comes only from a peer that knows this node's key, so the first
+// pong comes only from a peer that knows this node's keys, so the first
 // one is the signal. Peers that answered once are remembered.
+//
+// It waits knownByWait at most: a node restarted with its old state has a
+// new disco key but the same WireGuard key, so a peer answers its
+// handshake at once but its disco pings only after the control server has
+// passed the new key on, which can take seconds.
 func (n *Node) awaitKnownBy(ctx context.Context, addr netip.Addr) error {
 	if ip4, ip6 := n.ts.TailscaleIPs(); addr == ip4 || addr == ip6 {
 		return nil // this node
@@ -272,8 +279,10 @@ func (n *Node) awaitKnownBy(ctx context.Context, addr netip.Addr) error {
 	if err != nil {
 		return err
 	}
+	waitCtx, cancelWait := context.WithTimeout(ctx, knownByWait)
+	defer cancelWait()
 	for {
-		pingCtx, cancel := context.WithTimeout(ctx, discoPingTimeout)
+		pingCtx, cancel := context.WithTimeout(waitCtx, discoPingTimeout)
 		res, err := lc.Ping(pingCtx, addr, tailcfg.PingDisco)
 		cancel()
 		if err == nil && res.Err == "" {
@@ -283,8 +292,11 @@ func (n *Node) awaitKnownBy(ctx context.Context, addr netip.Addr) error {
 			return nil
 		}
 		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%v has not answered a disco ping, so it may not know this node yet: %w", addr, ctx.Err())
+		case <-waitCtx.Done():
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			return nil // waited knownByWait: dial anyway
 		case <-time.After(discoPingPause):
 		}
 	}
