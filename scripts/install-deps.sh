@@ -57,7 +57,7 @@ command -v gcc >/dev/null 2>&1 || apt_install gcc libc6-dev # go test -race need
 
 # Erlang/OTP 25 and Elixir: the OTP side, and the real erl and epmd that
 # the EPMD interop tests talk to.
-apt_install erlang-nox erlang-dev elixir rebar3
+apt_install erlang-nox erlang-dev erlang-common-test elixir rebar3
 
 # Go modules, so the first build does not look like a hang.
 if ! go mod download 2>/dev/null; then
