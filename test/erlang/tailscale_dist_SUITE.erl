@@ -6,7 +6,8 @@
 %%% every distribution connection under test is a tailnet one. Each node
 %%% starts its own `tsdist serve' helper, as a user's node would.
 %%%
-%%% TSDIST_HELPER must name the tsdist binary (`make test' sets it).
+%%% TSDIST_HELPER must name the tsdist binary (`make test' sets it); see
+%%% tsdist_ct for how the tailnet and the nodes are started.
 -module(tailscale_dist_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
@@ -24,7 +25,8 @@
 %% run on the nodes under test
 -export([echo_loop/0, collect/2]).
 
--define(COOKIE, "tsdist_suite_cookie").
+-import(tsdist_ct, [start_node/3, start_node/4, start_node/5, start_node_result/4,
+                    start_node_result/5, wait_until/1]).
 
 suite() ->
     [{timetrap, {minutes, 3}}].
@@ -38,33 +40,13 @@ all() ->
      stop_distribution, peer_stops].
 
 init_per_suite(Config) ->
-    Helper = case os:getenv("TSDIST_HELPER") of
-                 false -> ct:fail("TSDIST_HELPER is not set: it must name the tsdist binary (make test sets it)");
-                 H -> H
-             end,
-    %% Unix socket paths are short (108 bytes), priv_dir paths are not.
-    RunDir = string:trim(os:cmd("mktemp -d /tmp/tsdist-ct-XXXXXX")),
-    UrlFile = filename:join(RunDir, "control-url"),
-    %% init_per_suite's process ends when it returns, and its ports with
-    %% it, so a process of its own holds the devnet's port.
-    Devnet = spawn(fun() ->
-                       Port = open_port({spawn_executable, Helper},
-                                        [{args, ["devnet", "--url-file", UrlFile, "--exit-with-stdin"]},
-                                         exit_status, use_stdio, stderr_to_stdout, {line, 1024}]),
-                       receive stop -> port_close(Port) end
-                   end),
-    Url = wait_for_file(UrlFile, 100),
-    ct:log("offline tailnet at ~s, helpers' sockets in ~s", [Url, RunDir]),
-    Config1 = [{helper, Helper}, {run_dir, RunDir}, {control_url, Url}, {devnet, Devnet} | Config],
+    Config1 = tsdist_ct:start_tailnet(Config),
     Nodes = [start_node(Config1, N, H) || {N, H} <- [{a, "alpha"}, {b, "beta"}, {c, "gamma"}]],
     [{nodes, Nodes} | Config1].
 
 end_per_suite(Config) ->
     [peer:stop(P) || {P, _} <- ?config(nodes, Config)],
-    %% Closing its stdin stops the devnet (--exit-with-stdin).
-    ?config(devnet, Config) ! stop,
-    os:cmd("rm -rf " ++ ?config(run_dir, Config)),
-    ok.
+    tsdist_ct:stop_tailnet(Config).
 
 %%% Test cases
 
@@ -276,10 +258,10 @@ elixir_node_connect(Config) ->
              end,
     RunDir = ?config(run_dir, Config),
     Ebin = filename:dirname(code:which(tailscale_dist)),
-    Script = "IO.inspect({Node.connect(:a@alpha), :erpc.call(:a@alpha, :erlang, :node, []), "
-             "Node.list(), :tailscale_helper.hostname()})",
+    Script = "IO.puts(\"connect=#{Node.connect(:a@alpha)} rpc=#{:erpc.call(:a@alpha, :erlang, :node, [])} "
+             "list=#{inspect(Node.list())} host=#{:tailscale_helper.hostname()}\")",
     Port = open_port({spawn_executable, Elixir},
-                     [{args, ["--sname", "ex@lambda", "--cookie", ?COOKIE,
+                     [{args, ["--sname", "ex@lambda", "--cookie", tsdist_ct:cookie(),
                               "--erl", "-pa " ++ Ebin ++ " -proto_dist tailscale -start_epmd false",
                               "-e", Script]},
                       {env, [{"TS_CONTROL_URL", ?config(control_url, Config)},
@@ -289,7 +271,7 @@ elixir_node_connect(Config) ->
                       exit_status, use_stdio, stderr_to_stdout, {line, 4096}]),
     {0, Lines} = collect_port(Port, [], 60000),
     ct:log("elixir said:~n~ts", [lists:join("\n", Lines)]),
-    ?assert(lists:member("{true, :a@alpha, [:a@alpha], 'lambda'}", Lines)).
+    ?assert(lists:member("connect=true rpc=a@alpha list=[:a@alpha] host=lambda", Lines)).
 
 collect_port(Port, Acc, Timeout) ->
     receive
@@ -393,50 +375,6 @@ collect_loop(I, N) ->
 
 %%% Helpers
 
-start_node(Config, Name, Host) ->
-    start_node(Config, Name, Host, []).
-
-start_node(Config, Name, Host, Args) ->
-    start_node(Config, Name, Host, Args, false).
-
-start_node(Config, Name, Host, Args, Long) ->
-    case start_node_result(Config, Name, Host, Args, Long) of
-        {ok, P, N} -> {P, N};
-        {error, Reason} -> ct:fail({node_did_not_start, Name, Host, Reason})
-    end.
-
-start_node_result(Config, Name, Host, Args) ->
-    start_node_result(Config, Name, Host, Args, false).
-
-start_node_result(Config, Name, Host, Args, Long) ->
-    RunDir = ?config(run_dir, Config),
-    Paths = lists:usort([filename:dirname(code:which(M)) || M <- [tailscale_dist, ?MODULE]]),
-    Cookie = case lists:member("-setcookie", Args) of
-                 true -> [];
-                 false -> ["-setcookie", ?COOKIE]
-             end,
-    Label = hd(string:split(Host, ".")),
-    Opts = #{name => Name, host => Host, longnames => Long,
-             connection => standard_io,
-             wait_boot => 30000,
-             args => ["-proto_dist", "tailscale", "-epmd_module", "tailscale_epmd",
-                      "-start_epmd", "false", "-kernel", "start_pg", "true"]
-                     ++ Cookie ++ lists:append([["-pa", P] || P <- Paths]) ++ Args,
-             env => [{"TS_CONTROL_URL", ?config(control_url, Config)},
-                     {"TSDIST_HELPER", ?config(helper, Config)},
-                     {"XDG_RUNTIME_DIR", RunDir},
-                     {"TS_STATE_DIR", filename:join([RunDir, "state", Label])}]},
-    Opts1 = case Name of
-                undefined -> maps:without([name, host, longnames], Opts); % not distributed
-                _ -> Opts
-            end,
-    try peer:start_link(Opts1) of
-        {ok, P, N} -> unlink(P), {ok, P, N};
-        {error, _} = E -> E
-    catch
-        exit:Reason -> {error, Reason}
-    end.
-
 %% A process on Node that, once sent `start', exits with how long it then
 %% took Target to go down; wait_exit/3 collects that.
 nodedown_watcher(Node, Target) ->
@@ -469,22 +407,3 @@ connect_all(Config) ->
     pong = peer:call(A, net_adm, ping, [c@gamma]),
     pong = peer:call(B, net_adm, ping, [c@gamma]),
     ok.
-
-wait_for_file(File, 0) ->
-    ct:fail({no_control_url, File});
-wait_for_file(File, N) ->
-    case file:read_file(File) of
-        {ok, Bin} when byte_size(Bin) > 0 -> string:trim(binary_to_list(Bin));
-        _ -> timer:sleep(100), wait_for_file(File, N - 1)
-    end.
-
-wait_until(F) ->
-    wait_until(F, 100).
-
-wait_until(F, 0) ->
-    ?assert(F());
-wait_until(F, N) ->
-    case F() of
-        true -> ok;
-        false -> timer:sleep(50), wait_until(F, N - 1)
-    end.
