@@ -9,11 +9,18 @@
 %%% distribution fast path drives it.
 %%%
 %%% It starts before net_kernel, as the early child `tailscale_dist'
-%%% declares in `childspecs/0', and it is the only process that reads the
-%%% control socket. Descriptors are paired with messages as the protocol
-%%% requires (a FIFO of received descriptors, popped per `"fd": true'
-%%% message), and every descriptor becomes a port at once: a port that
-%%% nobody takes is closed, so no descriptor leaks.
+%%% declares in `childspecs/0', and goes onto the tailnet at start/1, when
+%%% tailscale_dist:listen/2 knows the node's host. It is the only process
+%%% that reads the control socket. Descriptors are paired with messages as
+%%% the protocol requires (a FIFO of received descriptors, popped per
+%%% `"fd": true' message), and every descriptor becomes a port at once: a
+%%% port that nobody takes is closed, and every port's descriptor is closed
+%%% when the port goes (see tailscale_fd), so no descriptor leaks.
+%%%
+%%% If the helper dies, this process starts it again (or reconnects to the
+%%% socket it was attached to), with a pause growing from 100 ms to 5 s,
+%%% and restores the node's tailnet listener and EPMD names; until then
+%%% requests fail with {helper_down, Why}.
 %%%
 %%% Configuration, each from the application environment of `tsdist' (in
 %%% sys.config, or `-tsdist Key Value' on the command line) or else from the
@@ -31,7 +38,8 @@
 %%%   ephemeral    TS_EPHEMERAL    true or 1 to leave the tailnet on exit
 %%%   tags         TS_TAGS         comma-separated ACL tags to advertise
 %%%   up_timeout   TSDIST_UP_TIMEOUT  ms to wait for the tailnet at boot;
-%%%                                default 60000
+%%%                                default 60000 (raise it for an
+%%%                                interactive login)
 %%%
 %%% The tailnet hostname is the host part of the node name (`alpha' for
 %%% `app@alpha' and for `app@alpha.example.ts.net').
@@ -121,8 +129,8 @@ dial(Host, Port, TimeoutMs) ->
     request(#{op => dial, host => to_bin(Host), port => Port, timeout_ms => TimeoutMs},
             TimeoutMs + 5000).
 
-%% Registers Name on this host's tailnet EPMD for as long as this process
-%% lives.
+%% Registers Name on this host's tailnet EPMD until unregister_node/1 or
+%% the end of this process (a restarted helper gets it again).
 -spec register_node(string() | atom(), 1..65535, boolean()) ->
           {ok, pos_integer()} | {error, duplicate_name | proto_error()}.
 register_node(Name, Port, Hidden) ->
