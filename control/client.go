@@ -203,6 +203,14 @@ func (c *Client) Names(ctx context.Context, host string) ([]epmd.NameEntry, erro
 	return res.Names, err
 }
 
+// SetPolicy replaces the helper's access policy (see package access) and
+// returns the policy now in force.
+func (c *Client) SetPolicy(ctx context.Context, rules string) (string, error) {
+	var res PolicyResult
+	err := c.call(ctx, Request{Op: OpSetPolicy, Rules: rules}, &res)
+	return res.Policy, err
+}
+
 func (c *Client) call(ctx context.Context, req Request, result any) error {
 	return c.callFD(ctx, req, result, nil)
 }

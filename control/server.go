@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/tsdist/tsdist/access"
 	"github.com/tsdist/tsdist/carrier"
 	"github.com/tsdist/tsdist/epmd"
 	"tailscale.com/types/logger"
@@ -57,6 +58,7 @@ type Server struct {
 	bridges   map[*bridge]struct{}
 	// lastCarried is when the last carried connection ended.
 	lastCarried time.Time
+	policy      access.Policy // who may reach this node; see Admit
 }
 
 type tailnetListener struct {
@@ -81,6 +83,7 @@ func NewServer(node *carrier.Node, helperVersion string, logf logger.Logf) *Serv
 		logf:      logf,
 		version:   helperVersion,
 		registry:  epmd.NewRegistry(),
+		policy:    access.MustParse(access.Default),
 		ctx:       ctx,
 		cancel:    cancel,
 		netLns:    map[net.Listener]struct{}{},
@@ -299,6 +302,7 @@ func (c *client) hello(req Request) bool {
 		Hostname:  c.s.node.Hostname(),
 		State:     state,
 		LocalOnly: carrier.KeepsToLoopback(),
+		Policy:    c.s.Policy().String(),
 	}, nil)
 	return true
 }
@@ -336,6 +340,14 @@ func (c *client) handle(req Request) {
 		c.portPlease(req)
 	case OpNames:
 		c.names(req)
+	case OpSetPolicy:
+		p, err := access.Parse(req.Rules)
+		if err != nil {
+			c.reply(req.ID, nil, &Error{Code: CodeBadRequest, Message: err.Error()})
+			return
+		}
+		c.s.SetPolicy(p)
+		c.reply(req.ID, PolicyResult{Policy: p.String()}, nil)
 	default:
 		c.reply(req.ID, nil, &Error{Code: CodeUnknownOp, Message: fmt.Sprintf("unknown op %q", req.Op)})
 	}
@@ -445,11 +457,8 @@ func (c *client) acceptLoop(ln net.Listener, port int) {
 
 // deliver hands an accepted tailnet connection to the client.
 func (c *client) deliver(conn net.Conn, port int) {
-	ctx, cancel := context.WithTimeout(c.ctx, whoIsTime)
-	peer, err := c.s.node.WhoIs(ctx, conn.RemoteAddr().String())
-	cancel()
+	peer, err := c.s.Admit(c.ctx, conn, fmt.Sprintf("tailnet port %d", port))
 	if err != nil {
-		c.s.logf("control: refusing connection from %v on port %d: no tailnet identity: %v", conn.RemoteAddr(), port, err)
 		conn.Close()
 		return
 	}

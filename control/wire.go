@@ -47,6 +47,8 @@ const (
 	OpUnregister = "unregister"
 	OpPortPlease = "port_please"
 	OpNames      = "names"
+	// Access: replace the policy of who may reach this node.
+	OpSetPolicy = "set_policy"
 )
 
 // EventAccept is the "event" of a message bringing an accepted connection.
@@ -97,6 +99,8 @@ type Request struct {
 	HighestVersion int    `json:"highest_version,omitempty"`
 	LowestVersion  int    `json:"lowest_version,omitempty"`
 	Extra          []byte `json:"extra,omitempty"`
+	// set_policy
+	Rules string `json:"rules,omitempty"`
 }
 
 // Distribution protocol versions a registration claims when the request
@@ -151,6 +155,13 @@ type HelloResult struct {
 	// LocalOnly is true when the helper keeps every packet on loopback, as
 	// on the offline tailnet (see carrier.KeepsToLoopback).
 	LocalOnly bool `json:"local_only"`
+	// Policy is the access policy in force (see package access).
+	Policy string `json:"policy"`
+}
+
+// PolicyResult is the result of set_policy: the policy now in force.
+type PolicyResult struct {
+	Policy string `json:"policy"`
 }
 
 // ListenResult is the result of listen.

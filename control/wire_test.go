@@ -309,7 +309,7 @@ func TestWireNames(t *testing.T) {
 		{Response{ID: 5, OK: false, Error: &Error{Code: "c", Message: "m"}}, `{"id":5,"ok":false,"error":{"code":"c","message":"m"}}`},
 		{Response{ID: 6, OK: true, FD: true, Result: json.RawMessage(`{"peer":{}}`)}, `{"id":6,"ok":true,"fd":true,"result":{"peer":{}}}`},
 		{Event{Event: EventAccept, FD: true, ListenerPort: 7}, `{"event":"accept","fd":true,"listener_port":7,"peer":null}`},
-		{HelloResult{Version: 1, Helper: "v", Hostname: "h", State: "Running", LocalOnly: true}, `{"version":1,"helper":"v","hostname":"h","state":"Running","local_only":true}`},
+		{HelloResult{Version: 1, Helper: "v", Hostname: "h", State: "Running", LocalOnly: true, Policy: "owner"}, `{"version":1,"helper":"v","hostname":"h","state":"Running","local_only":true,"policy":"owner"}`},
 		{ListenResult{Port: 9}, `{"port":9}`},
 		{Stats{Goroutines: 1, OpenFDs: 2, Clients: 3, Listeners: 4, Registrations: 6, Bridges: 5}, `{"goroutines":1,"open_fds":2,"clients":3,"listeners":4,"registrations":6,"bridges":5}`},
 	}

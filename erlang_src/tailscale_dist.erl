@@ -25,6 +25,8 @@
 -export([childspecs/0, select/1, address/0, listen/1, listen/2, accept/1,
          accept_connection/5, setup/5, close/1, is_node_name/1,
          setopts/2, getopts/2]).
+%% the tailnet identity of a connected node
+-export([identity/1]).
 %% internal exports
 -export([accept_loop/2, do_accept/6, do_setup/6]).
 
@@ -211,6 +213,37 @@ setopts(Socket, Opts) ->
 -spec getopts(inet:socket(), [atom()]) -> {ok, list()} | {error, term()}.
 getopts(Socket, Opts) ->
     inet_tcp_dist:getopts(Socket, Opts).
+
+%% The tailnet identity of a connected node, as the tailnet vouches for it:
+%% its owner (user login; empty for a tagged node), MagicDNS name, tags and
+%% addresses, looked up from the connection's tailnet address. For
+%% authorizing per node: the cookie only says a node knows a secret.
+-spec identity(node()) ->
+          {ok, #{user := binary(), node := binary(), dns_name := binary(),
+                 tags := [binary()], ips := [binary()], addr := binary()}}
+          | {error, not_connected | not_tailscale | term()}.
+identity(Node) ->
+    case net_kernel:node_info(Node) of
+        {ok, Info} ->
+            case proplists:get_value(address, Info) of
+                #net_address{address = {IP, Port}, protocol = ?PROTOCOL} when is_tuple(IP) ->
+                    Addr = inet:ntoa(IP) ++ ":" ++ integer_to_list(Port),
+                    case tailscale_helper:whois(Addr) of
+                        {ok, Id} ->
+                            {ok, #{user => maps:get(<<"user">>, Id, <<>>),
+                                   node => maps:get(<<"node">>, Id, <<>>),
+                                   dns_name => maps:get(<<"dns_name">>, Id, <<>>),
+                                   tags => maps:get(<<"tags">>, Id, []),
+                                   ips => maps:get(<<"ips">>, Id, []),
+                                   addr => maps:get(<<"addr">>, Id, <<>>)}};
+                        {error, _} = E -> E
+                    end;
+                _ ->
+                    {error, not_tailscale}
+            end;
+        {error, _} ->
+            {error, not_connected}
+    end.
 
 %%% Internal
 

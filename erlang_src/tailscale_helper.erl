@@ -37,6 +37,10 @@
 %%%                                node's working directory)
 %%%   ephemeral    TS_EPHEMERAL    true or 1 to leave the tailnet on exit
 %%%   tags         TS_TAGS         comma-separated ACL tags to advertise
+%%%   allow        TSDIST_ALLOW    who may reach this node (see the access
+%%%                                package): default "owner", the node's own
+%%%                                user's nodes (or, if it is tagged, nodes
+%%%                                sharing a tag)
 %%%   up_timeout   TSDIST_UP_TIMEOUT  ms to wait for the tailnet at boot;
 %%%                                default 60000 (raise it for an
 %%%                                interactive login)
@@ -47,7 +51,7 @@
 -compile(warn_missing_spec).
 -behaviour(gen_server).
 
--export([start_link/0, start/1, hostname/0, hello/0, info/0,
+-export([start_link/0, start/1, hostname/0, hello/0, info/0, set_policy/1,
          listen/1, unlisten/1, set_acceptor/2, dial/3,
          register_node/3, unregister_node/1, port_please/3, names/2, status/0, whois/1,
          request/2]).
@@ -93,6 +97,16 @@ hostname() ->
 -spec info() -> #{atom() => term()}.
 info() ->
     gen_server:call(?MODULE, info).
+
+%% Replaces the helper's access policy (rules as for `allow'); returns the
+%% policy now in force. It lasts until the helper exits: put lasting rules
+%% in `allow'.
+-spec set_policy(string() | binary()) -> {ok, binary()} | {error, proto_error()}.
+set_policy(Rules) ->
+    case request(#{op => set_policy, rules => to_bin(Rules)}, 15000) of
+        {ok, #{<<"policy">> := P}} -> {ok, P};
+        {error, _} = E -> E
+    end.
 
 %% The helper's answer to hello, as a map.
 -spec hello() -> map().
@@ -550,6 +564,7 @@ spawn_helper(Hostname, SocketPath) ->
                 ++ opt_arg("--control-url", config(control_url, "TS_CONTROL_URL", undefined))
                 ++ opt_arg("--authkey", config(authkey, "TS_AUTHKEY", undefined))
                 ++ opt_arg("--tags", config(tags, "TS_TAGS", undefined))
+                ++ opt_arg("--allow", config(allow, "TSDIST_ALLOW", undefined))
                 ++ case lists:member(config(ephemeral, "TS_EPHEMERAL", "false"), ["true", "1", true]) of
                        true -> ["--ephemeral"];
                        false -> []

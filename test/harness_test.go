@@ -174,7 +174,10 @@ type helper struct {
 
 // startHelper starts `tsdist serve` for hostname with its state, socket and
 // log under dir. It does not wait for the node to come up.
-func startHelper(hostname, dir string) (*helper, error) {
+// Every helper here lets every peer in ("--allow=*", before args, which
+// may say otherwise): the tests of the carrier connect nodes of different
+// users, and TestAccessPolicy tests the policy itself.
+func startHelper(hostname, dir string, args ...string) (*helper, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -196,7 +199,9 @@ func startHelper(hostname, dir string) (*helper, error) {
 		"--ephemeral",
 		"--state-dir", filepath.Join(dir, "state"),
 		"--socket", h.socket,
+		"--allow=*",
 	)
+	cmd.Args = append(cmd.Args, args...)
 	// No tailscale knobs in the environment (devnet.Start has put them in
 	// this process's): the helper must keep to loopback by itself for a
 	// loopback control URL, and TestEndpointsLoopbackOnly checks that it does.
@@ -219,9 +224,9 @@ func startHelper(hostname, dir string) (*helper, error) {
 
 // startTestHelper starts a helper owned by one test, stopped (by PID) when
 // the test ends, and waits for it to be Running.
-func startTestHelper(t *testing.T, ctx context.Context, hostname string) *helper {
+func startTestHelper(t *testing.T, ctx context.Context, hostname string, args ...string) *helper {
 	t.Helper()
-	h, err := startHelper(hostname, t.TempDir())
+	h, err := startHelper(hostname, t.TempDir(), args...)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/tsdist/tsdist/access"
 	"github.com/tsdist/tsdist/carrier"
 	"github.com/tsdist/tsdist/control"
 	"github.com/tsdist/tsdist/epmd"
@@ -33,6 +34,7 @@ func runServe(args []string) error {
 	socket := fs.String("socket", envOr("", "TSDIST_SOCKET"), "control socket `path` (env TSDIST_SOCKET); default "+filepath.Join(runtimeDir(), "NAME.sock"))
 	localOnly := fs.Bool("local-only", false, "keep every packet on loopback (implied when the control URL is on loopback)")
 	verbose := fs.Bool("verbose", false, "print tailscale's own logs to stderr")
+	allow := fs.String("allow", envOr(access.Default, "TSDIST_ALLOW"), "which tailnet peers may reach this node and its EPMD: comma-separated `rules` owner, user:LOGIN, tag:NAME, host:NAME, * (env TSDIST_ALLOW)")
 	exitWithStdin := fs.Bool("exit-with-stdin", false, "shut down when standard input closes, so a parent that starts the helper as a port program takes it down when it dies")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -97,7 +99,12 @@ func runServe(args []string) error {
 		go stopOnStdinClose(stop, say)
 	}
 
+	policy, err := access.Parse(*allow)
+	if err != nil {
+		return usageError{err}
+	}
 	srv := control.NewServer(node, version, say)
+	srv.SetPolicy(policy)
 	served := make(chan error, 2) // the control socket's and EPMD's
 	go func() { served <- fmt.Errorf("control socket: %w", srv.Serve(ln)) }()
 	defer func() {
@@ -140,7 +147,7 @@ func runServe(args []string) error {
 				return fmt.Errorf("EPMD on the tailnet: %w", err)
 			}
 			go func() {
-				if err := epmdSrv.Serve(epmdLn); !errors.Is(err, epmd.ErrServerClosed) {
+				if err := epmdSrv.Serve(srv.Guard(epmdLn, "EPMD")); !errors.Is(err, epmd.ErrServerClosed) {
 					served <- fmt.Errorf("EPMD on the tailnet: %w", err)
 				}
 			}()

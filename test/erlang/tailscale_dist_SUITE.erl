@@ -21,7 +21,8 @@
          hidden_node/1, wrong_cookie/1, unknown_host_fails_fast/1, long_names/1,
          peer_identity_in_address/1, helper_killed/1, missing_helper/1,
          illegal_hostname/1, elixir_node_connect/1, connect_disconnect_cycles/1,
-         stop_distribution/1, peer_stops/1]).
+         stop_distribution/1, peer_stops/1, access_policy/1, identity_of_peer/1,
+         garbage_before_handshake/1]).
 %% run on the nodes under test
 -export([echo_loop/0, collect/2]).
 
@@ -37,7 +38,8 @@ all() ->
      duplicate_name_refused, hidden_node, wrong_cookie, unknown_host_fails_fast,
      long_names, peer_identity_in_address, helper_killed, missing_helper,
      illegal_hostname, elixir_node_connect, connect_disconnect_cycles,
-     stop_distribution, peer_stops].
+     stop_distribution, peer_stops, access_policy, identity_of_peer,
+     garbage_before_handshake].
 
 init_per_suite(Config) ->
     Config1 = tsdist_ct:start_tailnet(Config),
@@ -223,7 +225,7 @@ helper_killed(Config) ->
         Watcher = nodedown_watcher(K2, k1@theta),
         os:cmd("kill -9 " ++ integer_to_list(OsPid)),
         peer:call(K2, erlang, send, [Watcher, start]),
-        {nodedown_after_ms, Ms} = wait_exit(K2, Watcher, 30000),
+        {nodedown_after_ms, Ms} = nodedown_after(K2, Watcher, 30000),
         ct:log("k2 saw k1@theta go down ~p ms after its helper was killed (net_ticktime 4 s)", [Ms]),
         ?assert(Ms =< 8000),
         %% The node is still up, and comes back on a helper of its own.
@@ -346,9 +348,61 @@ peer_stops(Config) ->
     Watcher = nodedown_watcher(A, o@omicron),
     peer:call(A, erlang, send, [Watcher, start]),
     peer:stop(P),
-    {nodedown_after_ms, Ms} = wait_exit(A, Watcher, 40000),
+    {nodedown_after_ms, Ms} = nodedown_after(A, Watcher, 40000),
     ct:log("a@alpha saw o@omicron go down ~p ms after it was stopped", [Ms]),
     ?assert(Ms < 5000).
+
+%% A node that lets in only tag:erlang: an untagged node of the same user
+%% can neither connect nor list its names, and its BEAM never sees the
+%% attempt; a tagged node can; the rules change while it runs.
+access_policy(Config) ->
+    Allow = [{env, [{"TSDIST_ALLOW", "tag:erlang"}]} | Config],
+    {G, _} = start_node(Allow, g, "upsilon"),
+    {T, _} = start_node([{env, [{"TS_TAGS", "tag:erlang"}]} | Config], t, "phi"),
+    [{A, _}, _, _] = ?config(nodes, Config),
+    try
+        ?assertEqual(pang, peer:call(A, net_adm, ping, [g@upsilon], 15000)),
+        ?assertMatch({error, _}, peer:call(A, net_adm, names, [upsilon])),
+        ?assertMatch(#{connections := 0}, peer:call(G, tailscale_helper, info, [])),
+        ?assertEqual([], peer:call(G, erlang, nodes, [connected])),
+        ?assertEqual(pong, peer:call(T, net_adm, ping, [g@upsilon], 15000)),
+        ?assertMatch({ok, [{"g", _}]}, peer:call(T, net_adm, names, [upsilon])),
+        {ok, <<"tag:erlang,host:alpha">>} = peer:call(G, tailscale_helper, set_policy, ["tag:erlang,host:alpha"]),
+        ?assertEqual(pong, peer:call(A, net_adm, ping, [g@upsilon], 15000))
+    after
+        peer:stop(G), peer:stop(T)
+    end.
+
+%% tailscale_dist:identity/1 says who a connected node is on the tailnet.
+identity_of_peer(Config) ->
+    [{A, _}, {B, _}, _] = ?config(nodes, Config),
+    pong = peer:call(A, net_adm, ping, [b@beta]),
+    {ok, Id} = peer:call(A, tailscale_dist, identity, [b@beta]),
+    ct:log("a@alpha sees b@beta as ~p", [Id]),
+    {ok, Status} = peer:call(B, tailscale_helper, status, []),
+    #{<<"self">> := #{<<"user">> := User, <<"ips">> := IPs}} = Status,
+    ?assertMatch(#{node := <<"beta">>, dns_name := <<"beta.tsdist.test">>, tags := []}, Id),
+    ?assertEqual(User, maps:get(user, Id)),
+    ?assertEqual(IPs, maps:get(ips, Id)),
+    ?assertEqual({error, not_connected}, peer:call(A, tailscale_dist, identity, [nobody@nowhere])).
+
+%% Garbage on a node's distribution port before any handshake is dropped
+%% with its connection; the node keeps serving others.
+garbage_before_handshake(Config) ->
+    [{A, _}, {B, _}, _] = ?config(nodes, Config),
+    {ok, Port, _} = peer:call(A, tailscale_helper, port_please, ["b", "beta", 5000]),
+    {ok, S, _} = peer:call(A, erlang, apply, [fun() ->
+        {ok, Sock, Peer} = tailscale_helper:dial("beta", Port, 5000),
+        ok = gen_tcp:send(Sock, [<<0, 200>>, crypto:strong_rand_bytes(200), <<255, 255>>,
+                                 crypto:strong_rand_bytes(5000)]),
+        R = gen_tcp:recv(Sock, 0, 5000),
+        gen_tcp:close(Sock),
+        {ok, R, Peer}
+    end, []], 10000),
+    ct:log("b@beta's answer to garbage: ~p", [S]),
+    ?assertMatch({error, closed}, S),
+    ?assertEqual(pong, peer:call(A, net_adm, ping, [b@beta])),
+    ?assertEqual(b@beta, peer:call(B, erlang, node, [])).
 
 open_fds(Node) ->
     {ok, Fds} = peer:call(Node, file, list_dir, ["/proc/self/fd"]),
@@ -375,22 +429,23 @@ collect_loop(I, N) ->
 
 %%% Helpers
 
-%% A process on Node that, once sent `start', exits with how long it then
-%% took Target to go down; wait_exit/3 collects that.
+%% A process on Node that, once sent `start', times how long Target then
+%% takes to go down, and tells whoever asks with nodedown_after/3.
 nodedown_watcher(Node, Target) ->
     peer:call(Node, erlang, spawn, [fun() ->
         monitor_node(Target, true),
         receive start -> ok end,
         T0 = erlang:monotonic_time(millisecond),
-        receive {nodedown, Target} -> exit({nodedown_after_ms, erlang:monotonic_time(millisecond) - T0})
-        after 30000 -> exit(no_nodedown)
-        end
+        Result = receive {nodedown, Target} -> {nodedown_after_ms, erlang:monotonic_time(millisecond) - T0}
+                 after 30000 -> no_nodedown
+                 end,
+        receive {report, From} -> From ! {self(), Result} end
     end]).
 
-wait_exit(Node, Pid, Timeout) ->
+nodedown_after(Node, Watcher, Timeout) ->
     peer:call(Node, erlang, apply, [fun() ->
-        Ref = monitor(process, Pid),
-        receive {'DOWN', Ref, process, Pid, Reason} -> Reason after Timeout -> timeout end
+        Watcher ! {report, self()},
+        receive {Watcher, Result} -> Result after Timeout -> timeout end
     end, []], Timeout + 1000).
 
 ping_until_pong(_Node, _Target, 0) ->

@@ -6,7 +6,8 @@
 %%% peer(3), its supervision channel on standard I/O so that every
 %%% distribution connection under test is a tailnet one, each node starting
 %%% its own `tsdist serve' as a user's node would. A `{exec, {Prog, Args}}'
-%%% in Config runs nodes through Prog (the OTP 27 lane's chroot).
+%%% in Config runs nodes through Prog (the OTP 27 lane's chroot); an
+%%% `{env, [{Var, Value}]}' adds to their environment.
 -module(tsdist_ct).
 
 -include_lib("common_test/include/ct.hrl").
@@ -36,7 +37,11 @@ start_tailnet(Config) ->
     %% it, so a process of its own holds the devnet's port.
     Devnet = spawn(fun() ->
                        Port = open_port({spawn_executable, Helper},
-                                        [{args, ["devnet", "--url-file", UrlFile, "--exit-with-stdin"]},
+                                        [{args, ["devnet", "--url-file", UrlFile, "--exit-with-stdin",
+                                                 %% one user's devices: the default
+                                                 %% access policy ("owner") lets
+                                                 %% them reach each other
+                                                 "--same-user"]},
                                          exit_status, use_stdio, stderr_to_stdout, {line, 1024}]),
                        receive stop -> port_close(Port) end
                    end),
@@ -93,7 +98,8 @@ start_node_result(Config, Name, Host, Args, Long) ->
              env => [{"TS_CONTROL_URL", ?config(control_url, Config)},
                      {"TSDIST_HELPER", ?config(helper, Config)},
                      {"XDG_RUNTIME_DIR", RunDir},
-                     {"TS_STATE_DIR", filename:join([RunDir, "state", Label])}]},
+                     {"TS_STATE_DIR", filename:join([RunDir, "state", Label])}]
+                    ++ proplists:get_value(env, Config, [])},
     Opts1 = case Name of
                 undefined -> maps:without([name, host, longnames], Opts); % not distributed
                 _ -> Opts
