@@ -18,6 +18,7 @@ import (
 	"github.com/tsdist/tsdist/access"
 	"github.com/tsdist/tsdist/carrier"
 	"github.com/tsdist/tsdist/epmd"
+	"golang.org/x/sys/unix"
 	"tailscale.com/types/logger"
 )
 
@@ -136,6 +137,11 @@ func (s *Server) Serve(ln *net.UnixListener) error {
 			}
 			return fmt.Errorf("control: accept: %w", err)
 		}
+		if err := checkPeerUID(conn); err != nil {
+			s.logf("control: refused a connection: %v", err)
+			conn.Close()
+			continue
+		}
 		c := s.addClient(conn)
 		if c == nil {
 			conn.Close()
@@ -143,6 +149,31 @@ func (s *Server) Serve(ln *net.UnixListener) error {
 		}
 		s.wg.Go(c.serve)
 	}
+}
+
+// checkPeerUID admits only processes of this helper's own user: the control
+// socket hands out this node's tailnet identity, so its 0600 mode and
+// private directory are checked again here, with the kernel's word for who
+// connected (SO_PEERCRED), in case either was loosened.
+func checkPeerUID(conn *net.UnixConn) error {
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var cred *unix.Ucred
+	var credErr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, credErr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return err
+	}
+	if credErr != nil {
+		return fmt.Errorf("no peer credentials: %w", credErr)
+	}
+	if me := os.Getuid(); int(cred.Uid) != me {
+		return fmt.Errorf("pid %d runs as uid %d, not this helper's uid %d", cred.Pid, cred.Uid, me)
+	}
+	return nil
 }
 
 func (s *Server) addClient(conn *net.UnixConn) *client {

@@ -5,7 +5,10 @@ import (
 	"errors"
 	"io"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -115,5 +118,56 @@ func TestAccessByTag(t *testing.T) {
 	raw := tailnetEPMD(dialControl(t, ctx, alpha))
 	if _, err := raw.Names(ctx, "tagwarden"); err == nil || !errors.Is(err, io.ErrUnexpectedEOF) && !strings.Contains(err.Error(), "EOF") {
 		t.Errorf("untagged alpha asking tagwarden's EPMD: %v; want the connection closed", err)
+	}
+}
+
+// TestControlSocketOtherUser loosens a helper's socket and directory so
+// that another user can reach it, and checks that the helper still refuses
+// that user (SO_PEERCRED): the socket's mode is not the only lock.
+func TestControlSocketOtherUser(t *testing.T) {
+	if os.Getuid() != 0 {
+		t.Skip("needs root, to run a client as nobody (CI runs as root)")
+	}
+	ctx := testContext(t, 30*time.Second)
+	h := startTestHelper(t, ctx, "locked")
+	dir := filepath.Dir(h.socket)
+	for _, p := range []struct {
+		path string
+		mode os.FileMode
+	}{{filepath.Dir(dir), 0o755}, {dir, 0o755}, {h.socket, 0o666}} {
+		if err := os.Chmod(p.path, p.mode); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A copy of the CLI that nobody may run.
+	binDir, err := os.MkdirTemp("", "tsdist-nobody-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(binDir) })
+	os.Chmod(binDir, 0o755)
+	bin := filepath.Join(binDir, "tsdist")
+	data, err := os.ReadFile(tsdistBin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, data, 0o755); err != nil {
+		t.Fatal(err)
+	}
+
+	cmd := exec.CommandContext(ctx, bin, "status", "--socket", h.socket, "--timeout", "5s")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	out, err := cmd.CombinedOutput()
+	if err == nil {
+		t.Fatalf("tsdist status as nobody succeeded:\n%s", out)
+	}
+	t.Logf("tsdist status as nobody: %v: %s", err, out)
+	log, _ := os.ReadFile(h.logPath)
+	if !strings.Contains(string(log), "control: refused a connection") || !strings.Contains(string(log), "uid 65534") {
+		t.Errorf("the helper's log does not record the refusal of uid 65534:\n%s", log)
+	}
+	// Its own user still gets in.
+	if st := status(t, ctx, h); st.State != "Running" {
+		t.Errorf("status as the helper's user: %+v", st)
 	}
 }
