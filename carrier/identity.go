@@ -86,6 +86,13 @@ type Peer struct {
 	User string `json:"user"`
 	// OS is the node's operating system as it reported it.
 	OS string `json:"os"`
+	// Direct is the peer's address on the direct UDP path this node uses
+	// to reach it ("127.0.0.1:41641"); empty while traffic goes through a
+	// DERP relay, or before there has been any.
+	Direct string `json:"direct"`
+	// Relay is the DERP region this node reaches the peer through when
+	// there is no direct path (or would, were there traffic).
+	Relay string `json:"relay"`
 }
 
 // Status is the node's view of the tailnet.
@@ -143,6 +150,8 @@ func peerOf(st *ipnstate.Status, p *ipnstate.PeerStatus) Peer {
 		OS:       p.OS,
 		IPs:      addrStrings(p.TailscaleIPs),
 		Tags:     []string{},
+		Direct:   p.CurAddr,
+		Relay:    p.Relay,
 	}
 	if p.Tags != nil {
 		out.Tags = p.Tags.AsSlice()

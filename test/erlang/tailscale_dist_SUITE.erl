@@ -22,7 +22,7 @@
          peer_identity_in_address/1, helper_killed/1, missing_helper/1,
          illegal_hostname/1, elixir_node_connect/1, connect_disconnect_cycles/1,
          stop_distribution/1, peer_stops/1, access_policy/1, identity_of_peer/1,
-         garbage_before_handshake/1]).
+         garbage_before_handshake/1, derp_only/1]).
 %% run on the nodes under test
 -export([echo_loop/0, collect/2]).
 
@@ -39,7 +39,7 @@ all() ->
      long_names, peer_identity_in_address, helper_killed, missing_helper,
      illegal_hostname, elixir_node_connect, connect_disconnect_cycles,
      stop_distribution, peer_stops, access_policy, identity_of_peer,
-     garbage_before_handshake].
+     garbage_before_handshake, derp_only].
 
 init_per_suite(Config) ->
     Config1 = tsdist_ct:start_tailnet(Config),
@@ -403,6 +403,32 @@ garbage_before_handshake(Config) ->
     ?assertMatch({error, closed}, S),
     ?assertEqual(pong, peer:call(A, net_adm, ping, [b@beta])),
     ?assertEqual(b@beta, peer:call(B, erlang, node, [])).
+
+%% Two nodes that may not use direct UDP (TS_DEBUG_NEVER_DIRECT_UDP=1)
+%% cluster through the offline tailnet's DERP relay.
+derp_only(Config) ->
+    Relayed = [{env, [{"TS_DEBUG_NEVER_DIRECT_UDP", "1"}]} | Config],
+    {D1, _} = start_node(Relayed, d1, "chi"),
+    {D2, _} = start_node(Relayed, d2, "psi"),
+    try
+        ?assertEqual(pong, peer:call(D1, net_adm, ping, [d2@psi], 15000)),
+        Bin = crypto:strong_rand_bytes(1 bsl 20),
+        ?assertEqual(Bin, peer:call(D1, erpc, call, [d2@psi, erlang, hd, [[Bin]]], 15000)),
+        {ok, #{<<"peers">> := Peers}} = peer:call(D1, tailscale_helper, status, []),
+        [Psi] = [P || #{<<"node">> := <<"psi">>} = P <- Peers],
+        ct:log("chi's path to psi: ~p", [maps:with([<<"direct">>, <<"relay">>], Psi)]),
+        ?assertMatch(#{<<"direct">> := <<>>}, Psi),
+        ?assertNotEqual(<<>>, maps:get(<<"relay">>, Psi)),
+        %% whereas nodes allowed direct UDP use it
+        [{A, _}, _, _] = ?config(nodes, Config),
+        pong = peer:call(A, net_adm, ping, [b@beta]),
+        {ok, #{<<"peers">> := APeers}} = peer:call(A, tailscale_helper, status, []),
+        [Beta] = [P || #{<<"node">> := <<"beta">>} = P <- APeers],
+        ct:log("alpha's path to beta: ~p", [maps:with([<<"direct">>, <<"relay">>], Beta)]),
+        ?assertNotEqual(<<>>, maps:get(<<"direct">>, Beta))
+    after
+        peer:stop(D1), peer:stop(D2)
+    end.
 
 open_fds(Node) ->
     {ok, Fds} = peer:call(Node, file, list_dir, ["/proc/self/fd"]),
