@@ -27,6 +27,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"gvisor.dev/gvisor/pkg/tcpip"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
 	"tailscale.com/client/local"
 	"tailscale.com/ipn"
 	"tailscale.com/ipn/ipnstate"
@@ -157,6 +159,9 @@ func (n *Node) up(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("carrier: start %s: %w", n.cfg.Hostname, err)
 	}
+	if err := n.shortenTimeWait(); err != nil {
+		return fmt.Errorf("carrier: start %s: %w", n.cfg.Hostname, err)
+	}
 	watcher, err := lc.WatchIPNBus(ctx, ipn.NotifyInitialState)
 	if err != nil {
 		return fmt.Errorf("carrier: watch %s: %w", n.cfg.Hostname, err)
@@ -243,6 +248,35 @@ func (n *Node) Dial(ctx context.Context, host string, port uint16) (net.Conn, er
 		return nil, fmt.Errorf("carrier: dial %s:%d: %w", host, port, err)
 	}
 	return c, nil
+}
+
+// timeWait is how long a closed TCP connection of this node lingers in
+// TIME_WAIT; netstack's default is the Internet's 60 s.
+const timeWait = time.Second
+
+// shortenTimeWait sets netstack's TIME_WAIT to timeWait. The side that
+// closes first holds the connection in TIME_WAIT, and an EPMD server closes
+// first after every answer (clients wait for it), so a node that looks up
+// ports often would soon reuse a source port the server still holds: its
+// SYN then waits out retransmission, several seconds. Inside a WireGuard
+// tunnel, with its own sequence numbers and replay protection, a stray old
+// segment needs far less than 60 s to drain.
+func (n *Node) shortenTimeWait() error {
+	impl, ok := n.ts.Sys().Netstack.GetOK()
+	if !ok {
+		return errors.New("tsnet has no userspace network stack")
+	}
+	ns, ok := impl.(interface {
+		SetTransportProtocolOption(tcpip.TransportProtocolNumber, tcpip.SettableTransportProtocolOption) tcpip.Error
+	})
+	if !ok {
+		return fmt.Errorf("netstack %T cannot set TCP options", impl)
+	}
+	opt := tcpip.TCPTimeWaitTimeoutOption(timeWait)
+	if err := ns.SetTransportProtocolOption(tcp.ProtocolNumber, &opt); err != nil {
+		return fmt.Errorf("set TCP TIME_WAIT to %v: %v", timeWait, err)
+	}
+	return nil
 }
 
 // Disco pings to a peer that may not yet know this node: how long one

@@ -1108,3 +1108,60 @@ func TestCloseReachesPeer(t *testing.T) {
 		})
 	}
 }
+
+// TestSlowReceiverDoesNotStallOthers fills one connection whose receiver
+// never reads, and checks that another connection through the same two
+// helpers still carries 16 MiB both ways meanwhile: each connection has
+// its own buffers and its own flow control, end to end.
+func TestSlowReceiverDoesNotStallOthers(t *testing.T) {
+	ctx := testContext(t, 60*time.Second)
+	a, b := dialControl(t, ctx, alpha), dialControl(t, ctx, beta)
+
+	stuckDialed, _ := connect(t, ctx, b, a, "alpha") // its accepted end is never read
+	filled := make(chan int64, 1)
+	go func() {
+		chunk := make([]byte, 64<<10)
+		var n int64
+		stuckDialed.SetWriteDeadline(time.Now().Add(3 * time.Second))
+		for {
+			w, err := stuckDialed.Write(chunk)
+			n += int64(w)
+			if err != nil {
+				filled <- n
+				return
+			}
+		}
+	}()
+	// Once the writer blocks, everything between it and the reader that
+	// does not read is full.
+	written := <-filled
+	t.Logf("the unread connection took %d KiB before its writer blocked", written>>10)
+	if written > 64<<20 {
+		t.Errorf("%d MiB went into a connection nobody reads: buffering is not bounded", written>>20)
+	}
+
+	dialed, accepted := connect(t, ctx, b, a, "alpha")
+	payload := randomBytes(7, 16<<20)
+	start := time.Now()
+	errs := make(chan error, 2)
+	go func() {
+		_, err := dialed.Write(payload)
+		if err == nil {
+			err = dialed.CloseWrite()
+		}
+		errs <- err
+	}()
+	go func() {
+		got, err := io.ReadAll(accepted)
+		if err == nil && !bytes.Equal(got, payload) {
+			err = fmt.Errorf("received %d bytes that differ from the %d sent", len(got), len(payload))
+		}
+		errs <- err
+	}()
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Fatalf("the other connection, while one is stuck: %v", err)
+		}
+	}
+	t.Logf("16 MiB through the other connection in %v while one connection was stuck", time.Since(start).Round(time.Millisecond))
+}
