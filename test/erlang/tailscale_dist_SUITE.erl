@@ -24,7 +24,7 @@
          stop_distribution/1, peer_stops/1, access_policy/1, identity_of_peer/1,
          garbage_before_handshake/1, derp_only/1]).
 %% run on the nodes under test
--export([echo_loop/0, collect/2]).
+-export([echo_loop/0, collect/2, sink_loop/1, load_loop/1]).
 
 -import(tsdist_ct, [start_node/3, start_node/4, start_node/5, start_node_result/4,
                     start_node_result/5, wait_until/1]).
@@ -222,6 +222,11 @@ helper_killed(Config) ->
         pong = peer:call(K2, net_adm, ping, [k1@theta]),
         #{helper_os_pid := OsPid} = peer:call(K1, tailscale_helper, info, []),
         ?assert(is_integer(OsPid)),
+        %% Load: k2 sends to a registered process on k1 all along, killed
+        %% helper and reconnections included.
+        _ = peer:call(K1, erlang, spawn, [fun() -> register(sink, self()), sink_loop([]) end]),
+        Loader = peer:call(K2, erlang, spawn, [fun() -> load_loop(0) end]),
+        timer:sleep(200),
         Watcher = nodedown_watcher(K2, k1@theta),
         os:cmd("kill -9 " ++ integer_to_list(OsPid)),
         peer:call(K2, erlang, send, [Watcher, start]),
@@ -235,7 +240,13 @@ helper_killed(Config) ->
         ?assertNotEqual(OsPid, NewPid),
         {Micros, Pong} = timer:tc(fun() -> ping_until_pong(K2, k1@theta, 30) end),
         ct:log("k2 reached k1@theta again ~p ms after the helper restarted", [Micros div 1000]),
-        ?assertEqual(pong, Pong)
+        ?assertEqual(pong, Pong),
+        %% Messages sent after recovery arrive, all and in order.
+        peer:call(K2, erlang, exit, [Loader, kill]),
+        peer:call(K2, erlang, apply, [fun() -> [{sink, k1@theta} ! {after_recovery, I} || I <- lists:seq(1, 1000)] end, []]),
+        wait_until(fun() -> length(sink_report(K1)) =:= 1000 end),
+        ?assertEqual(lists:seq(1, 1000), sink_report(K1)),
+        ?assert(is_process_alive_on(K1, sink))
     after
         peer:stop(K1), peer:stop(K2)
     end.
@@ -454,7 +465,29 @@ open_fds(Node) ->
     {ok, Fds} = peer:call(Node, file, list_dir, ["/proc/self/fd"]),
     length(Fds).
 
+sink_report(Node) ->
+    peer:call(Node, erlang, apply, [fun() ->
+        sink ! {report, self()},
+        receive {sink, Got} -> Got after 5000 -> timeout end
+    end, []]).
+
+is_process_alive_on(Node, Name) ->
+    is_pid(peer:call(Node, erlang, whereis, [Name])).
+
 %%% On the nodes under test
+
+%% Keeps what arrives after recovery; load messages are dropped.
+sink_loop(After) ->
+    receive
+        {after_recovery, I} -> sink_loop([I | After]);
+        {report, From} -> From ! {sink, lists:reverse(After)}, sink_loop(After);
+        _Load -> sink_loop(After)
+    end.
+
+load_loop(N) ->
+    {sink, k1@theta} ! {load, N},
+    receive after 1 -> load_loop(N + 1) end.
+
 
 echo_loop() ->
     receive
