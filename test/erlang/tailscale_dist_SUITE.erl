@@ -96,17 +96,8 @@ pg_groups(Config) ->
 
 links_and_monitors(Config) ->
     [{A, _}, _, _] = ?config(nodes, Config),
-    Result = peer:call(A, erlang, apply, [fun() ->
-        Remote = spawn(b@beta, timer, sleep, [infinity]),
-        Ref = monitor(process, Remote),
-        exit(Remote, tsdist_test),
-        Down = receive {'DOWN', Ref, process, Remote, R1} -> R1 after 5000 -> no_down end,
-        process_flag(trap_exit, true),
-        Linked = spawn_link(c@gamma, erlang, exit, [linked_exit]),
-        Exit = receive {'EXIT', Linked, R2} -> R2 after 5000 -> no_exit end,
-        {Down, Exit}
-    end, []]),
-    ?assertEqual({tsdist_test, linked_exit}, Result).
+    ?assertEqual({tsdist_test, linked_exit, quiet},
+                 tsdist_ct:links_and_monitors(A, b@beta, c@gamma)).
 
 big_binary(Config) ->
     [{A, _}, _, _] = ?config(nodes, Config),

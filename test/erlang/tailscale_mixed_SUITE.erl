@@ -74,23 +74,11 @@ global_across(Config) ->
 %% Links and monitors, the part of the protocol OTP 26 changed (unlink ids).
 links_and_monitors_across(Config) ->
     {Old, _} = ?config(old, Config),
-    Result = peer:call(Old, erlang, apply, [fun() ->
-        Remote = spawn(new@beta, timer, sleep, [infinity]),
-        Ref = monitor(process, Remote),
-        exit(Remote, mixed_test),
-        Down = receive {'DOWN', Ref, process, Remote, R1} -> R1 after 5000 -> no_down end,
-        process_flag(trap_exit, true),
-        Linked = spawn_link(new@beta, erlang, exit, [linked_exit]),
-        Exit = receive {'EXIT', Linked, R2} -> R2 after 5000 -> no_exit end,
-        %% link then unlink: the unlink must reach the other side.
-        Other = spawn(new@beta, timer, sleep, [infinity]),
-        link(Other),
-        unlink(Other),
-        exit(Other, kill),
-        Quiet = receive {'EXIT', Other, _} -> exit_after_unlink after 1000 -> quiet end,
-        {Down, Exit, Quiet}
-    end, []], 20000),
-    ?assertEqual({mixed_test, linked_exit, quiet}, Result).
+    {New, _} = ?config(new, Config),
+    ?assertEqual({tsdist_test, linked_exit, quiet},
+                 tsdist_ct:links_and_monitors(Old, new@beta, new@beta)),
+    ?assertEqual({tsdist_test, linked_exit, quiet},
+                 tsdist_ct:links_and_monitors(New, old@alpha, old@alpha)).
 
 big_message_across(Config) ->
     {Old, _} = ?config(old, Config),

@@ -16,7 +16,7 @@
 -export([start_tailnet/1, stop_tailnet/1,
          start_node/3, start_node/4, start_node/5,
          start_node_result/4, start_node_result/5,
-         wait_until/1, cookie/0]).
+         wait_until/1, cookie/0, links_and_monitors/3]).
 
 -spec cookie() -> string().
 cookie() ->
@@ -114,6 +114,28 @@ start_node_result(Config, Name, Host, Args, Long) ->
     catch
         exit:Reason -> {error, Reason}
     end.
+
+%% From node Peer, against processes on nodes Monitored and Linked: a
+%% monitor's 'DOWN' carries the exit reason, a link's 'EXIT' too, and an
+%% unlink reaches the other side (no 'EXIT' after it). Returns what was
+%% seen: {tsdist_test, linked_exit, quiet} when all is well.
+-spec links_and_monitors(pid(), node(), node()) -> {term(), term(), quiet | exit_after_unlink}.
+links_and_monitors(Peer, Monitored, Linked) ->
+    peer:call(Peer, erlang, apply, [fun() ->
+        Remote = spawn(Monitored, timer, sleep, [infinity]),
+        Ref = monitor(process, Remote),
+        exit(Remote, tsdist_test),
+        Down = receive {'DOWN', Ref, process, Remote, R1} -> R1 after 5000 -> no_down end,
+        process_flag(trap_exit, true),
+        LinkedPid = spawn_link(Linked, erlang, exit, [linked_exit]),
+        Exit = receive {'EXIT', LinkedPid, R2} -> R2 after 5000 -> no_exit end,
+        Other = spawn(Linked, timer, sleep, [infinity]),
+        link(Other),
+        unlink(Other),
+        exit(Other, kill),
+        Quiet = receive {'EXIT', Other, _} -> exit_after_unlink after 1000 -> quiet end,
+        {Down, Exit, Quiet}
+    end, []], 20000).
 
 %% Polls F for up to 5 s; fails the test case if it never holds.
 -spec wait_until(fun(() -> boolean())) -> ok.
