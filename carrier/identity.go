@@ -4,9 +4,12 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
+	"time"
 
+	"tailscale.com/ipn"
 	"tailscale.com/ipn/ipnstate"
 	"tailscale.com/tailcfg"
 )
@@ -175,4 +178,72 @@ func addrStrings(ips []netip.Addr) []string {
 		out[i] = ip.String()
 	}
 	return out
+}
+
+// peerPoll is how often WatchPeers also compares the tailnet with what it
+// last reported, in case a change came without a notification.
+const peerPoll = 2 * time.Second
+
+// WatchPeers calls fn with the node's peers (as in [Status], without the
+// ever-changing Direct and Relay) once the node is Running, and again after
+// every change, until ctx ends or the node stops; it returns why it
+// stopped. fn runs on WatchPeers's goroutine, one call at a time.
+func (n *Node) WatchPeers(ctx context.Context, fn func([]Peer)) error {
+	lc, err := n.local()
+	if err != nil {
+		return err
+	}
+	watcher, err := lc.WatchIPNBus(ctx, ipn.NotifyInitialNetMap|ipn.NotifyPeerChanges)
+	if err != nil {
+		return fmt.Errorf("carrier: watch peers: %w", err)
+	}
+	defer watcher.Close()
+	changed := make(chan struct{}, 1)
+	go func() {
+		for {
+			note, err := watcher.Next()
+			if err != nil {
+				close(changed)
+				return
+			}
+			if note.NetMap != nil || note.State != nil || note.PeersChanged != nil || note.PeersRemoved != nil {
+				select {
+				case changed <- struct{}{}:
+				default:
+				}
+			}
+		}
+	}()
+	tick := time.NewTicker(peerPoll)
+	defer tick.Stop()
+	var last []Peer
+	report := func() error {
+		st, err := n.Status(ctx)
+		if err != nil {
+			return err
+		}
+		peers := st.Peers
+		for i := range peers {
+			peers[i].Direct, peers[i].Relay = "", ""
+		}
+		if last == nil || !reflect.DeepEqual(peers, last) {
+			last = peers
+			fn(peers)
+		}
+		return nil
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case _, ok := <-changed:
+			if !ok {
+				return fmt.Errorf("carrier: watch peers: the node's notifications ended")
+			}
+		case <-tick.C:
+		}
+		if err := report(); err != nil {
+			return fmt.Errorf("carrier: watch peers: %w", err)
+		}
+	}
 }

@@ -37,8 +37,9 @@ type Client struct {
 	nextID  uint64
 	pending map[uint64]chan Response
 	accepts []*Conn
-	acceptC chan struct{} // signalled when accepts grows
-	err     error         // set once the connection is gone
+	acceptC chan struct{}       // signalled when accepts grows
+	peers   chan []carrier.Peer // the latest peers event, after WatchPeers
+	err     error               // set once the connection is gone
 	done    chan struct{}
 
 	// Hello is the helper's answer to this client's hello.
@@ -58,6 +59,7 @@ func Dial(ctx context.Context, path string) (*Client, error) {
 		fdr:     carrier.NewFDReader(conn),
 		pending: map[uint64]chan Response{},
 		acceptC: make(chan struct{}, 1),
+		peers:   make(chan []carrier.Peer, 1),
 		done:    make(chan struct{}),
 	}
 	go c.readLoop()
@@ -321,6 +323,14 @@ func (c *Client) readLoop() {
 					return errors.New("control: message announces a descriptor that did not arrive")
 				}
 			}
+			if kind.Event == EventPeers && !kind.FD {
+				var ev PeersEvent
+				if err := json.Unmarshal(payload, &ev); err != nil {
+					return fmt.Errorf("control: bad peers event from helper: %w", err)
+				}
+				c.latestPeers(ev.Peers)
+				continue
+			}
 			if kind.Event != "" {
 				var ev Event
 				if err := json.Unmarshal(payload, &ev); err != nil {
@@ -360,6 +370,26 @@ func closeFile(f *os.File) {
 	if f != nil {
 		f.Close()
 	}
+}
+
+// latestPeers keeps only the newest peers event: a watcher wants the
+// tailnet as it is, not every step on the way.
+func (c *Client) latestPeers(peers []carrier.Peer) {
+	select {
+	case <-c.peers:
+	default:
+	}
+	c.peers <- peers
+}
+
+// WatchPeers asks the helper for the tailnet's peers now and on every
+// change. The channel holds the newest list; it is the same channel on
+// every call.
+func (c *Client) WatchPeers(ctx context.Context) (<-chan []carrier.Peer, error) {
+	if err := c.call(ctx, Request{Op: OpWatchPeers}, nil); err != nil {
+		return nil, err
+	}
+	return c.peers, nil
 }
 
 func (c *Client) queueEvent(ev Event, fd *os.File) {

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/tsdist/tsdist/access"
@@ -248,6 +249,8 @@ type client struct {
 	inflight chan struct{}
 	wmu      sync.Mutex
 
+	watching atomic.Bool // watch_peers was asked for
+
 	regMu  sync.Mutex
 	regs   map[string]*epmd.Registration // by name
 	closed bool                          // regMu; no registration after close
@@ -371,6 +374,8 @@ func (c *client) handle(req Request) {
 		c.portPlease(req)
 	case OpNames:
 		c.names(req)
+	case OpWatchPeers:
+		c.watchPeers(req)
 	case OpSetPolicy:
 		p, err := access.Parse(req.Rules)
 		if err != nil {
@@ -761,4 +766,32 @@ func (c *client) epmdError(ctx context.Context, req Request, err error) *Error {
 		return &Error{Code: CodeTimeout, Message: fmt.Sprintf("%s on %s: no answer in time: %v", req.Op, req.Host, err)}
 	}
 	return &Error{Code: CodeEPMDFailed, Message: err.Error()}
+}
+
+// watchPeers starts sending peers events to this client: the current peers
+// at once (after the response), then on every change, for as long as the
+// connection lasts. Asking again changes nothing.
+func (c *client) watchPeers(req Request) {
+	if c.watching.Swap(true) {
+		c.reply(req.ID, struct{}{}, nil)
+		return
+	}
+	ctx, cancel := c.requestContext(req)
+	running := c.waitRunning(req.ID, ctx)
+	cancel()
+	if !running {
+		c.watching.Store(false)
+		return
+	}
+	c.reply(req.ID, struct{}{}, nil)
+	c.s.wg.Go(func() {
+		err := c.s.node.WatchPeers(c.ctx, func(peers []carrier.Peer) {
+			if err := c.send(PeersEvent{Event: EventPeers, Peers: peers}, nil); err != nil && c.ctx.Err() == nil {
+				c.s.logf("control: peers event lost: %v", err)
+			}
+		})
+		if c.ctx.Err() == nil {
+			c.s.logf("control: no more peers events: %v", err)
+		}
+	})
 }

@@ -49,10 +49,23 @@ const (
 	OpNames      = "names"
 	// Access: replace the policy of who may reach this node.
 	OpSetPolicy = "set_policy"
+	// Discovery: have peers events sent on every change of the tailnet.
+	OpWatchPeers = "watch_peers"
 )
 
 // EventAccept is the "event" of a message bringing an accepted connection.
 const EventAccept = "accept"
+
+// EventPeers is the "event" of a message with the tailnet's peers, sent
+// after watch_peers and on every change.
+const EventPeers = "peers"
+
+// PeersEvent is the peers event: every peer of this node, as in status
+// (without the per-path fields direct and relay).
+type PeersEvent struct {
+	Event string         `json:"event"`
+	Peers []carrier.Peer `json:"peers"`
+}
 
 // Error codes, the "code" of an error response.
 const (

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tsdist/tsdist/carrier"
 	"github.com/tsdist/tsdist/control"
 	"github.com/tsdist/tsdist/epmd"
 )
@@ -357,4 +358,45 @@ func TestNamesCommand(t *testing.T) {
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 2 || !strings.Contains(string(out), "missing HOST") {
 		t.Errorf("tsdist names without a host: %v\n%s; want exit status 2 and a usage error", err, out)
 	}
+}
+
+// TestWatchPeers follows the tailnet through peers events: a helper that
+// joins appears, pushed (not polled), with its identity. (The offline
+// tailnet's control server reports every node online and never drops one,
+// so departures cannot be observed on it.)
+func TestWatchPeers(t *testing.T) {
+	ctx := testContext(t, 60*time.Second)
+	a := dialControl(t, ctx, alpha)
+	peers, err := a.WatchPeers(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor := func(what string, ok func([]carrier.Peer) bool) {
+		t.Helper()
+		for {
+			select {
+			case ps := <-peers:
+				if ok(ps) {
+					return
+				}
+			case <-ctx.Done():
+				t.Fatalf("no peers event with %s", what)
+			}
+		}
+	}
+	has := func(node string, online bool) func([]carrier.Peer) bool {
+		return func(ps []carrier.Peer) bool {
+			return slices.ContainsFunc(ps, func(p carrier.Peer) bool { return p.Node == node && p.Online == online })
+		}
+	}
+	waitFor("beta online", has("beta", true))
+	start := time.Now()
+	h := startTestHelper(t, ctx, "joiner")
+	waitFor("joiner online", has("joiner", true))
+	joined := time.Since(start)
+	t.Logf("joiner appeared in alpha's peers events %v after its helper started", joined.Round(time.Millisecond))
+	if joined >= 2*time.Second {
+		t.Errorf("joiner took %v to appear: the event came from the 2 s poll, not from a notification", joined)
+	}
+	h.stop(5 * time.Second)
 }
