@@ -51,7 +51,7 @@
 -compile(warn_missing_spec).
 -behaviour(gen_server).
 
--export([start_link/0, start/1, hostname/0, hello/0, info/0, set_policy/1,
+-export([start_link/0, start/1, hostname/0, hello/0, info/0, set_policy/1, subscribe/1,
          listen/1, unlisten/1, set_acceptor/2, dial/3,
          register_node/3, unregister_node/1, port_please/3, names/2, status/0, whois/1,
          request/2]).
@@ -97,6 +97,13 @@ hostname() ->
 -spec info() -> #{atom() => term()}.
 info() ->
     gen_server:call(?MODULE, info).
+
+%% Sends Pid `{tailscale_peers, Peers}' with the tailnet's peers now (once
+%% known) and again on every change, until Pid exits or this process
+%% restarts. Peers are maps as in status/0's `<<"peers">>'.
+-spec subscribe(pid()) -> ok.
+subscribe(Pid) ->
+    gen_server:call(?MODULE, {subscribe, Pid}).
 
 %% Replaces the helper's access policy (rules as for `allow'); returns the
 %% policy now in force. It lasts until the helper exits: put lasting rules
@@ -225,6 +232,9 @@ request(Req, Timeout) ->
     listens = [] :: [1..65535],
     registrations = #{} :: #{binary() => {1..65535, boolean()}},
     down = undefined :: undefined | term(),   % why the helper is gone
+    subscribers = #{} :: #{pid() => reference()},  % of peers events
+    peers = undefined :: undefined | [map()],     % the latest peers event
+    watching = false :: boolean(),                % watch_peers sent
     backoff = ?MIN_BACKOFF :: pos_integer()
 }).
 
@@ -245,7 +255,7 @@ handle_call({start, Hostname}, _From, #st{hostname = undefined} = St0) ->
                 {ok, Hello} ->
                     St = St0#st{sock = Sock, helper = Helper, hostname = Hostname,
                                 hello = Hello, down = undefined},
-                    try {reply, ok, read_more(St)}
+                    try {reply, ok, read_more(watch_peers(St))}
                     catch throw:{control_broken, Reason} ->
                             {reply, {error, Reason}, stop_and_forget(St)}
                     end;
@@ -272,6 +282,16 @@ handle_call(info, _From, St) ->
     {reply, #{hostname => St#st.hostname, helper_os_pid => OsPid, down => St#st.down,
               connections => map_size(St#st.fd_ports),
               listens => St#st.listens, registrations => maps:keys(St#st.registrations)}, St};
+handle_call({subscribe, Pid}, _From, St) ->
+    Subs = case maps:is_key(Pid, St#st.subscribers) of
+               true -> St#st.subscribers;
+               false -> (St#st.subscribers)#{Pid => erlang:monitor(process, Pid)}
+           end,
+    [Pid ! {tailscale_peers, St#st.peers} || St#st.peers =/= undefined],
+    St1 = St#st{subscribers = Subs},
+    try {reply, ok, watch_peers(St1)}
+    catch throw:{control_broken, Reason} -> {reply, ok, helper_down(Reason, St1)}
+    end;
 handle_call(hello, _From, St) ->
     {reply, St#st.hello, St};
 handle_call({set_acceptor, Port, Pid}, _From, St) ->
@@ -302,6 +322,8 @@ handle_info({Helper, {exit_status, Status}}, #st{helper = Helper} = St) ->
     {noreply, helper_down({helper_exited, Status}, St#st{helper = undefined})};
 handle_info({'EXIT', Helper, Reason}, #st{helper = Helper} = St) when is_port(Helper) ->
     {noreply, helper_down({helper_exited, Reason}, St#st{helper = undefined})};
+handle_info({'DOWN', _, process, Pid, _}, #st{subscribers = Subs} = St) when is_map_key(Pid, Subs) ->
+    {noreply, St#st{subscribers = maps:remove(Pid, Subs)}};
 handle_info({'EXIT', Port, _}, #st{fd_ports = FdPorts} = St) when is_map_key(Port, FdPorts) ->
     {Fd, Rest} = maps:take(Port, FdPorts),
     ok = tailscale_fd:close(Fd),
@@ -331,7 +353,7 @@ helper_down(Reason, #st{backoff = Backoff} = St) ->
     stop_helper(St#st.helper),
     erlang:send_after(Backoff, self(), reconnect),
     St#st{sock = undefined, helper = undefined, buf = <<>>, fds = queue:new(),
-          pending = #{}, select = undefined, down = Reason,
+          pending = #{}, select = undefined, down = Reason, watching = false,
           backoff = min(2 * Backoff, ?MAX_BACKOFF)}.
 
 reconnect(St0) ->
@@ -342,9 +364,10 @@ reconnect(St0) ->
                     St = St0#st{sock = Sock, helper = Helper, hello = Hello, down = undefined},
                     try
                         {noreply, St1} = restore(St),
+                        St2 = watch_peers(St1),
                         logger:notice("tsdist: helper back; restoring ports ~w and names ~ts",
                                       [St#st.listens, lists:join(", ", maps:keys(St#st.registrations))]),
-                        read_more(St1#st{backoff = ?MIN_BACKOFF})
+                        read_more(St2#st{backoff = ?MIN_BACKOFF})
                     catch throw:{control_broken, Reason} -> helper_down(Reason, St)
                     end;
                 {error, Reason} ->
@@ -372,6 +395,17 @@ send_request(From, Req, #st{next_id = Id} = St) ->
         ok -> {ok, St#st{next_id = Id + 1, pending = (St#st.pending)#{Id => {From, Req}}}};
         {error, _} = E -> E
     end.
+
+%% Asks the helper for peers events, once per control connection, as soon
+%% as there is a subscriber and a helper.
+watch_peers(#st{watching = false, sock = Sock, subscribers = Subs} = St)
+  when Sock =/= undefined, map_size(Subs) > 0 ->
+    case send_request(internal, #{op => watch_peers, timeout_ms => up_timeout()}, St) of
+        {ok, St1} -> St1#st{watching = true};
+        {error, Reason} -> throw({control_broken, {control_socket, Reason}})
+    end;
+watch_peers(St) ->
+    St.
 
 %% Remembers what a successful request set up, to restore it on a new helper.
 remember(#{op := listen}, #{<<"ok">> := true, <<"result">> := #{<<"port">> := P}}, St) ->
@@ -462,6 +496,9 @@ dispatch(#{<<"event">> := <<"accept">>} = Ev, St0) ->
             close(Sock)
     end,
     St;
+dispatch(#{<<"event">> := <<"peers">>, <<"peers">> := Peers}, St) ->
+    [Pid ! {tailscale_peers, Peers} || Pid <- maps:keys(St#st.subscribers)],
+    St#st{peers = Peers};
 dispatch(#{<<"event">> := _} = Ev, St0) ->
     {Sock, St} = take_fd(Ev, St0),
     close(Sock),

@@ -16,7 +16,7 @@
 -export([start_tailnet/1, stop_tailnet/1,
          start_node/3, start_node/4, start_node/5,
          start_node_result/4, start_node_result/5,
-         wait_until/1, cookie/0, links_and_monitors/3]).
+         wait_until/1, wait_until/2, cookie/0, links_and_monitors/3]).
 
 -spec cookie() -> string().
 cookie() ->
@@ -142,6 +142,8 @@ links_and_monitors(Peer, Monitored, Linked) ->
 wait_until(F) ->
     wait_until(F, 100).
 
+%% Polls F up to N times, 50 ms apart.
+-spec wait_until(fun(() -> boolean()), non_neg_integer()) -> ok.
 wait_until(F, 0) ->
     ?assert(F());
 wait_until(F, N) ->

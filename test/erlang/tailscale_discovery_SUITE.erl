@@ -1,0 +1,103 @@
+%%% Discovery over the offline tailnet: nodes started with the `tsdist'
+%%% application's `discovery' set, and no host list, find each other.
+-module(tailscale_discovery_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-export([all/0, suite/0, init_per_suite/1, end_per_suite/1]).
+-export([four_nodes_find_each_other/1, non_matching_never_connected/1,
+         late_joiner_connected/1, candidates_filter/1]).
+
+-define(OPTS, [{hostname_pattern, "^disc"}, {rescan_ms, 1000}]).
+
+suite() ->
+    [{timetrap, {minutes, 3}}].
+
+all() ->
+    [candidates_filter, four_nodes_find_each_other, non_matching_never_connected,
+     late_joiner_connected].
+
+init_per_suite(Config) ->
+    tsdist_ct:start_tailnet(Config).
+
+end_per_suite(Config) ->
+    [catch peer:stop(P) || P <- registered_peers()],
+    persistent_term:erase({?MODULE, discovering}),
+    persistent_term:erase({?MODULE, others}),
+    tsdist_ct:stop_tailnet(Config).
+
+%% The filter alone, on a made-up view of the tailnet.
+candidates_filter(Config) ->
+    {P, _} = tsdist_ct:start_node(Config, f, "filterhost"),
+    try
+        Peers = [#{<<"node">> => <<"disca">>, <<"online">> => true, <<"tags">> => [<<"tag:erlang">>]},
+                 #{<<"node">> => <<"discb">>, <<"online">> => false, <<"tags">> => [<<"tag:erlang">>]},
+                 #{<<"node">> => <<"other">>, <<"online">> => true, <<"tags">> => [<<"tag:erlang">>]},
+                 #{<<"node">> => <<"discc">>, <<"online">> => true, <<"tags">> => []}],
+        Matching = fun(Opts) ->
+            [maps:get(<<"node">>, M) || M <- peer:call(P, tailscale_discovery, matching, [Peers, Opts])]
+        end,
+        ?assertEqual([<<"disca">>, <<"discc">>], Matching([{hostname_pattern, "^disc"}])),
+        ?assertEqual([<<"disca">>, <<"discb">>, <<"discc">>],
+                     Matching([{hostname_pattern, "^disc"}, {online_only, false}])),
+        ?assertEqual([<<"disca">>, <<"other">>], Matching([{tags, ["tag:erlang"]}])),
+        ?assertEqual([<<"disca">>, <<"other">>, <<"discc">>], Matching([])),
+        ?assertMatch({'EXIT', {{badarg, {unknown_discovery_options, [tagz]}}, _}},
+                     peer:call(P, erlang, apply, [fun() -> catch tailscale_discovery:matching(Peers, [{tagz, []}]) end, []]))
+    after
+        peer:stop(P)
+    end.
+
+four_nodes_find_each_other(Config) ->
+    T0 = erlang:monotonic_time(millisecond),
+    Nodes = [start_discovering(Config, N, H) || {N, H} <- [{d1, "disc1"}, {d2, "disc2"}, {d3, "disc3"}, {d4, "disc4"}]],
+    Names = [N || {_, N} <- Nodes],
+    tsdist_ct:wait_until(fun() -> all_see(Nodes, Names) end, 150),
+    ct:log("four nodes started with discovery saw each other ~p ms after the first started",
+           [erlang:monotonic_time(millisecond) - T0]).
+
+non_matching_never_connected(Config) ->
+    {S, Stranger} = tsdist_ct:start_node(Config, s, "stranger"),
+    register_peer(S),
+    timer:sleep(3000), % three rescans
+    Nodes = discovering(),
+    [?assertNot(lists:member(Stranger, peer:call(P, erlang, nodes, [connected]))) || {P, _} <- Nodes].
+
+late_joiner_connected(Config) ->
+    T0 = erlang:monotonic_time(millisecond),
+    start_discovering(Config, d5, "disc5"),
+    Nodes = discovering(),
+    Names = [N || {_, N} <- Nodes],
+    try tsdist_ct:wait_until(fun() -> all_see(Nodes, Names) end, 150)
+    after
+        ct:log("nodes: ~p", [[{N, peer:call(P, erlang, nodes, [])} || {P, N} <- Nodes]])
+    end,
+    ct:log("a node that joined later was connected with all others ~p ms after it started "
+           "(its tailnet join included)", [erlang:monotonic_time(millisecond) - T0]).
+
+%%% Helpers
+
+start_discovering(Config, Name, Host) ->
+    {P, N} = tsdist_ct:start_node(Config, Name, Host),
+    ok = peer:call(P, application, set_env, [tsdist, discovery, ?OPTS]),
+    {ok, _} = peer:call(P, application, ensure_all_started, [tsdist]),
+    persistent_term:put({?MODULE, discovering}, [{P, N} | discovering()]),
+    {P, N}.
+
+%% The nodes started with discovery, across test cases.
+discovering() ->
+    persistent_term:get({?MODULE, discovering}, []).
+
+%% Every node this suite started, for end_per_suite to stop.
+register_peer(P) ->
+    persistent_term:put({?MODULE, others}, [P | registered_peers()]).
+
+registered_peers() ->
+    [P || {P, _} <- discovering()] ++ persistent_term:get({?MODULE, others}, []).
+
+all_see(Nodes, Names) ->
+    lists:all(fun({P, N}) ->
+                      lists:sort(Names -- [N]) =:= lists:sort(peer:call(P, erlang, nodes, []))
+              end, Nodes).
+
