@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"sync"
+	"time"
 
 	"github.com/tsdist/tsdist/carrier"
 	"tailscale.com/derp/derpserver"
@@ -58,6 +59,9 @@ type Net struct {
 	control   *testcontrol.Server
 	closeOnce sync.Once
 	closers   []func()
+
+	onlineMu sync.Mutex
+	streams  map[key.NodePublic]int // open map streams per node
 }
 
 // Start brings up an offline tailnet on 127.0.0.1 and returns once every
@@ -142,8 +146,10 @@ func Start(ctx context.Context, opts Options) (_ *Net, err error) {
 		// A non-nil TagOwners makes the control server honour the tags a
 		// node advertises (tsnet's AdvertiseTags) at sign-up.
 		TagOwners: map[string][]string{},
-		AllOnline: true,
-		Logf:      logf,
+		// Online is tracked per node (trackOnline), so that peers see a
+		// node leave when its client goes away.
+		HoldMapRequest: n.trackOnline,
+		Logf:           logf,
 	}
 	ctrlLn, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -166,6 +172,44 @@ func Start(ctx context.Context, opts Options) (_ *Net, err error) {
 		n.closers = append(n.closers, func() { stop() })
 	}
 	return n, nil
+}
+
+// trackOnline marks a node online while it holds a map stream open, as a
+// real control server does, and offline once its last stream ends, telling
+// every peer either way.
+func (n *Net) trackOnline(req *tailcfg.MapRequest) (done func()) {
+	if !req.Stream {
+		return nil
+	}
+	n.setStreams(req.NodeKey, +1)
+	return func() { n.setStreams(req.NodeKey, -1) }
+}
+
+func (n *Net) setStreams(k key.NodePublic, delta int) {
+	n.onlineMu.Lock()
+	defer n.onlineMu.Unlock()
+	if n.streams == nil {
+		n.streams = make(map[key.NodePublic]int)
+	}
+	before := n.streams[k]
+	n.streams[k] += delta
+	if n.streams[k] <= 0 {
+		delete(n.streams, k)
+	}
+	online := n.streams[k] > 0
+	if online == (before > 0) {
+		return
+	}
+	node := n.control.Node(k)
+	if node == nil {
+		return
+	}
+	node.Online = &online
+	if !online {
+		now := time.Now()
+		node.LastSeen = &now
+	}
+	n.control.UpdateNode(node)
 }
 
 // Control returns the underlying test control server, for tests that need to

@@ -361,9 +361,8 @@ func TestNamesCommand(t *testing.T) {
 }
 
 // TestWatchPeers follows the tailnet through peers events: a helper that
-// joins appears, pushed (not polled), with its identity. (The offline
-// tailnet's control server reports every node online and never drops one,
-// so departures cannot be observed on it.)
+// joins appears online, pushed (not polled), and goes offline when it
+// stops.
 func TestWatchPeers(t *testing.T) {
 	ctx := testContext(t, 60*time.Second)
 	a := dialControl(t, ctx, alpha)
@@ -398,5 +397,10 @@ func TestWatchPeers(t *testing.T) {
 	if joined >= 2*time.Second {
 		t.Errorf("joiner took %v to appear: the event came from the 2 s poll, not from a notification", joined)
 	}
-	h.stop(5 * time.Second)
+	start = time.Now()
+	if err := h.stop(5 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("joiner offline", func(ps []carrier.Peer) bool { return !has("joiner", true)(ps) })
+	t.Logf("joiner went offline in alpha's peers events %v after its helper was told to stop", time.Since(start).Round(time.Millisecond))
 }

@@ -7,7 +7,7 @@
 
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1]).
 -export([four_nodes_find_each_other/1, non_matching_never_connected/1,
-         late_joiner_connected/1, candidates_filter/1]).
+         late_joiner_connected/1, candidates_filter/1, leaver_dropped/1]).
 
 -define(OPTS, [{hostname_pattern, "^disc"}, {rescan_ms, 1000}]).
 
@@ -16,7 +16,7 @@ suite() ->
 
 all() ->
     [candidates_filter, four_nodes_find_each_other, non_matching_never_connected,
-     late_joiner_connected].
+     late_joiner_connected, leaver_dropped].
 
 init_per_suite(Config) ->
     tsdist_ct:start_tailnet(Config).
@@ -75,6 +75,22 @@ late_joiner_connected(Config) ->
     end,
     ct:log("a node that joined later was connected with all others ~p ms after it started "
            "(its tailnet join included)", [erlang:monotonic_time(millisecond) - T0]).
+
+%% A node that leaves (its node and helper stopped) goes from every other
+%% node's discovered set.
+leaver_dropped(_Config) ->
+    [{Leaver, Gone} | Rest] = discovering(),
+    tsdist_ct:wait_until(fun() ->
+        lists:all(fun({P, _}) -> lists:member(Gone, peer:call(P, tailscale_discovery, connected, [])) end, Rest)
+    end, 150),
+    T0 = erlang:monotonic_time(millisecond),
+    peer:stop(Leaver),
+    persistent_term:put({?MODULE, discovering}, Rest),
+    tsdist_ct:wait_until(fun() ->
+        lists:all(fun({P, _}) -> not lists:member(Gone, peer:call(P, tailscale_discovery, connected, [])) end, Rest)
+    end, 150),
+    ct:log("~p left every other node's discovered set ~p ms after it was stopped",
+           [Gone, erlang:monotonic_time(millisecond) - T0]).
 
 %%% Helpers
 
