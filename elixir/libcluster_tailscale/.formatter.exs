@@ -1,0 +1,3 @@
+[
+  inputs: ["{mix,.formatter}.exs", "test_cluster.exs", "{lib,test}/**/*.{ex,exs}"]
+]
