@@ -52,9 +52,11 @@ test-race:
 fuzz:
 	FUZZTIME=$(FUZZTIME) bash scripts/fuzz.sh
 
-# EUnit, then real BEAM nodes on the offline tailnet (Common Test).
+# EUnit, the Elixir strategy's ExUnit tests, then real BEAM nodes on the
+# offline tailnet (Common Test).
 test-erlang: build
 	rebar3 eunit --dir test/erlang
+	cd elixir/libcluster_tailscale && MIX_ENV=test mix test
 	TSDIST_HELPER=$(CURDIR)/bin/tsdist rebar3 ct --dir test/erlang --suite tailscale_dist_SUITE,tailscale_discovery_SUITE
 
 # The same suites under OTP 27 and Elixir 1.18 (a Debian 13 root that
@@ -62,7 +64,7 @@ test-erlang: build
 # OTP 25 node and an OTP 27 node in one cluster.
 test-otp27: build
 	bash scripts/otp27.sh run env REBAR_BASE_DIR=_build/otp27 sh -c \
-		'rebar3 eunit --dir test/erlang && TSDIST_HELPER=$(CURDIR)/bin/tsdist rebar3 ct --dir test/erlang --suite tailscale_dist_SUITE,tailscale_discovery_SUITE'
+		'rebar3 eunit --dir test/erlang && (cd elixir/libcluster_tailscale && MIX_ENV=test MIX_BUILD_PATH=_build/otp27 mix test) && TSDIST_HELPER=$(CURDIR)/bin/tsdist rebar3 ct --dir test/erlang --suite tailscale_dist_SUITE,tailscale_discovery_SUITE'
 	TSDIST_HELPER=$(CURDIR)/bin/tsdist bash scripts/otp27.sh host \
 		rebar3 ct --dir test/erlang --suite tailscale_mixed_SUITE
 

@@ -133,7 +133,7 @@ matches(Peer, #{tags := Tags, hostname_pattern := Pattern, online_only := Online
     Online = not OnlineOnly orelse maps:get(<<"online">>, Peer, false) =:= true,
     PeerTags = maps:get(<<"tags">>, Peer, []),
     Tagged = Tags =:= [] orelse lists:any(fun(T) -> lists:member(to_bin(T), PeerTags) end, Tags),
-    Named = Pattern =:= undefined orelse
+    Named = Pattern =:= undefined orelse Pattern =:= nil orelse % nil: from Elixir
         re:run(maps:get(<<"node">>, Peer, <<>>), Pattern, [{capture, none}]) =:= match,
     Online andalso Tagged andalso Named.
 

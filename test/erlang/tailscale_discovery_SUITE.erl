@@ -7,7 +7,8 @@
 
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1]).
 -export([four_nodes_find_each_other/1, non_matching_never_connected/1,
-         late_joiner_connected/1, candidates_filter/1, leaver_dropped/1]).
+         late_joiner_connected/1, candidates_filter/1, leaver_dropped/1,
+         elixir_strategy/1]).
 
 -define(OPTS, [{hostname_pattern, "^disc"}, {rescan_ms, 1000}]).
 
@@ -16,7 +17,7 @@ suite() ->
 
 all() ->
     [candidates_filter, four_nodes_find_each_other, non_matching_never_connected,
-     late_joiner_connected, leaver_dropped].
+     late_joiner_connected, leaver_dropped, elixir_strategy].
 
 init_per_suite(Config) ->
     tsdist_ct:start_tailnet(Config).
@@ -91,6 +92,57 @@ leaver_dropped(_Config) ->
     end, 150),
     ct:log("~p left every other node's discovered set ~p ms after it was stopped",
            [Gone, erlang:monotonic_time(millisecond) - T0]).
+
+%% The Elixir libcluster strategy, started as libcluster starts it, on a
+%% real Elixir node, forms the same cluster.
+elixir_strategy(Config) ->
+    Elixir = case os:find_executable("elixir") of
+                 false -> ct:fail("elixir is not installed (scripts/install-deps.sh installs it)");
+                 E -> E
+             end,
+    Expected = [atom_to_list(N) || {_, N} <- discovering()],
+    Ebin = filename:dirname(code:which(tailscale_dist)),
+    Script = filename:join([repo_root(), "elixir", "libcluster_tailscale", "test_cluster.exs"]),
+    RunDir = ?config(run_dir, Config),
+    T0 = erlang:monotonic_time(millisecond),
+    Port = open_port({spawn_executable, Elixir},
+                     [{args, ["--sname", "lx@disclx", "--cookie", tsdist_ct:cookie(),
+                              "--erl", "-pa " ++ Ebin ++ " -proto_dist tailscale -start_epmd false"
+                                       " -epmd_module tailscale_epmd",
+                              Script | Expected]},
+                      {env, [{"TS_CONTROL_URL", ?config(control_url, Config)},
+                             {"TSDIST_HELPER", ?config(helper, Config)},
+                             {"XDG_RUNTIME_DIR", RunDir},
+                             {"TS_STATE_DIR", filename:join([RunDir, "state", "disclx"])},
+                             {"LIBCLUSTER_TAILSCALE_HOSTNAME_PATTERN", "^disc"}]},
+                      exit_status, use_stdio, stderr_to_stdout, {line, 4096}]),
+    {Status, Lines} = collect_port(Port, [], 60000),
+    ct:log("elixir said (exit ~p, after ~p ms):~n~ts",
+           [Status, erlang:monotonic_time(millisecond) - T0, lists:join("\n", Lines)]),
+    Want = "CLUSTER_OK " ++ lists:join(" ", lists:sort(Expected)),
+    ?assertEqual(0, Status),
+    ?assert(lists:member(lists:flatten(Want), Lines)).
+
+%% The repository: the nearest directory above the ebin with rebar.config.
+repo_root() ->
+    repo_root(filename:dirname(code:which(tailscale_dist))).
+
+repo_root("/") ->
+    ct:fail("no rebar.config above the tsdist ebin");
+repo_root(Dir) ->
+    case filelib:is_regular(filename:join(Dir, "rebar.config")) of
+        true -> Dir;
+        false -> repo_root(filename:dirname(Dir))
+    end.
+
+collect_port(Port, Acc, Timeout) ->
+    receive
+        {Port, {data, {_, Line}}} -> collect_port(Port, [Line | Acc], Timeout);
+        {Port, {exit_status, Status}} -> {Status, lists:reverse(Acc)}
+    after Timeout ->
+        port_close(Port),
+        {timeout, lists:reverse(Acc)}
+    end.
 
 %%% Helpers
 
