@@ -15,8 +15,10 @@
 #
 # The command runs in a chroot in which this repository, /tmp, /proc and
 # /dev are the host's own, at the same paths: files, Unix sockets and the
-# offline tailnet on 127.0.0.1 are shared with OTP 25 nodes outside. Needs
-# root (chroot, mount); the environment is passed through.
+# offline tailnet on 127.0.0.1 are shared with OTP 25 nodes outside. The
+# bind mounts live in a mount namespace of the run's own (unshare), so they
+# go when it ends and concurrent runs do not disturb each other. Needs root
+# (chroot, mount, unshare); the environment is passed through.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -65,25 +67,21 @@ build() {
 	say "ready: $(as_root chroot "$root" erl -noshell -eval 'io:put_chars(["OTP ", erlang:system_info(otp_release)]), halt().'), $(as_root chroot "$root" elixir --version | tail -1)"
 }
 
-mounted=()
-unmount_all() {
-	for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do
-		as_root umount "${mounted[i]}" 2>/dev/null || as_root umount -l "${mounted[i]}" 2>/dev/null || true
-	done
-}
-
 bind() { # bind SRC: the host's SRC at the same path in the root
 	local target=$root$1
-	as_root mkdir -p "$target"
-	if ! mountpoint -q "$target"; then
-		as_root mount --bind "$1" "$target"
-		mounted+=("$target")
-	fi
+	mkdir -p "$target"
+	mount --bind "$1" "$target"
 }
 
+# prepare builds the root, then runs the rest of this script again in a
+# mount namespace of its own, with the bind mounts in it: they vanish with
+# it, and two runs at once cannot pull each other's mounts away.
 prepare() {
 	build
-	trap unmount_all EXIT
+	if [ -z "${TSDIST_OTP27_NS:-}" ]; then
+		local again=(env TSDIST_OTP27_NS=1 unshare --mount --propagation private bash "$0" "$@")
+		if [ "$(id -u)" -eq 0 ]; then exec "${again[@]}"; else exec sudo "${again[@]}"; fi
+	fi
 	bind /proc
 	bind /dev
 	bind /tmp
@@ -91,7 +89,7 @@ prepare() {
 }
 
 run() {
-	prepare
+	prepare run "$@"
 	# cd into the repository inside the root, keep the caller's environment
 	# but use the root's own tools first.
 	as_root chroot "$root" /usr/bin/env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
@@ -99,7 +97,7 @@ run() {
 }
 
 host() {
-	prepare
+	prepare host "$@"
 	TSDIST_OTP27_ROOT=$root "$@"
 }
 
