@@ -103,20 +103,16 @@ elixir_strategy(Config) ->
     Expected = [atom_to_list(N) || {_, N} <- discovering()],
     Ebin = filename:dirname(code:which(tailscale_dist)),
     Script = filename:join([repo_root(), "elixir", "libcluster_tailscale", "test_cluster.exs"]),
-    RunDir = ?config(run_dir, Config),
     T0 = erlang:monotonic_time(millisecond),
     Port = open_port({spawn_executable, Elixir},
                      [{args, ["--sname", "lx@disclx", "--cookie", tsdist_ct:cookie(),
                               "--erl", "-pa " ++ Ebin ++ " -proto_dist tailscale -start_epmd false"
                                        " -epmd_module tailscale_epmd",
                               Script | Expected]},
-                      {env, [{"TS_CONTROL_URL", ?config(control_url, Config)},
-                             {"TSDIST_HELPER", ?config(helper, Config)},
-                             {"XDG_RUNTIME_DIR", RunDir},
-                             {"TS_STATE_DIR", filename:join([RunDir, "state", "disclx"])},
-                             {"LIBCLUSTER_TAILSCALE_HOSTNAME_PATTERN", "^disc"}]},
+                      {env, tsdist_ct:node_env([{env, [{"LIBCLUSTER_TAILSCALE_HOSTNAME_PATTERN", "^disc"}]}
+                                                | Config], "disclx")},
                       exit_status, use_stdio, stderr_to_stdout, {line, 4096}]),
-    {Status, Lines} = collect_port(Port, [], 60000),
+    {Status, Lines} = tsdist_ct:collect_port(Port, [], 60000),
     ct:log("elixir said (exit ~p, after ~p ms):~n~ts",
            [Status, erlang:monotonic_time(millisecond) - T0, lists:join("\n", Lines)]),
     Want = "CLUSTER_OK " ++ lists:join(" ", lists:sort(Expected)),
@@ -133,15 +129,6 @@ repo_root(Dir) ->
     case filelib:is_regular(filename:join(Dir, "rebar.config")) of
         true -> Dir;
         false -> repo_root(filename:dirname(Dir))
-    end.
-
-collect_port(Port, Acc, Timeout) ->
-    receive
-        {Port, {data, {_, Line}}} -> collect_port(Port, [Line | Acc], Timeout);
-        {Port, {exit_status, Status}} -> {Status, lists:reverse(Acc)}
-    after Timeout ->
-        port_close(Port),
-        {timeout, lists:reverse(Acc)}
     end.
 
 %%% Helpers

@@ -260,7 +260,6 @@ elixir_node_connect(Config) ->
                  false -> ct:fail("elixir is not installed (scripts/install-deps.sh installs it)");
                  E -> E
              end,
-    RunDir = ?config(run_dir, Config),
     Ebin = filename:dirname(code:which(tailscale_dist)),
     Script = "IO.puts(\"connect=#{Node.connect(:a@alpha)} rpc=#{:erpc.call(:a@alpha, :erlang, :node, [])} "
              "list=#{inspect(Node.list())} host=#{:tailscale_helper.hostname()}\")",
@@ -268,23 +267,11 @@ elixir_node_connect(Config) ->
                      [{args, ["--sname", "ex@lambda", "--cookie", tsdist_ct:cookie(),
                               "--erl", "-pa " ++ Ebin ++ " -proto_dist tailscale -start_epmd false",
                               "-e", Script]},
-                      {env, [{"TS_CONTROL_URL", ?config(control_url, Config)},
-                             {"TSDIST_HELPER", ?config(helper, Config)},
-                             {"XDG_RUNTIME_DIR", RunDir},
-                             {"TS_STATE_DIR", filename:join([RunDir, "state", "lambda"])}]},
+                      {env, tsdist_ct:node_env(Config, "lambda")},
                       exit_status, use_stdio, stderr_to_stdout, {line, 4096}]),
-    {0, Lines} = collect_port(Port, [], 60000),
+    {0, Lines} = tsdist_ct:collect_port(Port, [], 60000),
     ct:log("elixir said:~n~ts", [lists:join("\n", Lines)]),
     ?assert(lists:member("connect=true rpc=a@alpha list=[:a@alpha] host=lambda", Lines)).
-
-collect_port(Port, Acc, Timeout) ->
-    receive
-        {Port, {data, {_, Line}}} -> collect_port(Port, [Line | Acc], Timeout);
-        {Port, {exit_status, Status}} -> {Status, lists:reverse(Acc)}
-    after Timeout ->
-        port_close(Port),
-        {timeout, lists:reverse(Acc)}
-    end.
 
 %% A thousand connections that come and go leave nothing behind in either
 %% node or helper (gen_tcp:fdopen never closes a descriptor;

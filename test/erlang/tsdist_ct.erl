@@ -16,7 +16,8 @@
 -export([start_tailnet/1, stop_tailnet/1,
          start_node/3, start_node/4, start_node/5,
          start_node_result/4, start_node_result/5,
-         wait_until/1, wait_until/2, cookie/0, links_and_monitors/3]).
+         wait_until/1, wait_until/2, cookie/0, links_and_monitors/3, collect_port/3,
+         node_env/2]).
 
 -spec cookie() -> string().
 cookie() ->
@@ -82,7 +83,6 @@ start_node_result(Config, Name, Host, Args) ->
 -spec start_node_result(list(), atom(), string(), [string()], boolean()) ->
           {ok, pid(), node()} | {error, term()}.
 start_node_result(Config, Name, Host, Args, Long) ->
-    RunDir = ?config(run_dir, Config),
     Paths = lists:usort([filename:dirname(code:which(M)) || M <- [tailscale_dist, ?MODULE]]),
     Cookie = case lists:member("-setcookie", Args) of
                  true -> [];
@@ -95,11 +95,7 @@ start_node_result(Config, Name, Host, Args, Long) ->
              args => ["-proto_dist", "tailscale", "-epmd_module", "tailscale_epmd",
                       "-start_epmd", "false", "-kernel", "start_pg", "true"]
                      ++ Cookie ++ lists:append([["-pa", P] || P <- Paths]) ++ Args,
-             env => [{"TS_CONTROL_URL", ?config(control_url, Config)},
-                     {"TSDIST_HELPER", ?config(helper, Config)},
-                     {"XDG_RUNTIME_DIR", RunDir},
-                     {"TS_STATE_DIR", filename:join([RunDir, "state", Label])}]
-                    ++ proplists:get_value(env, Config, [])},
+             env => node_env(Config, Label)},
     Opts1 = case Name of
                 undefined -> maps:without([name, host, longnames], Opts); % not distributed
                 _ -> Opts
@@ -136,6 +132,29 @@ links_and_monitors(Peer, Monitored, Linked) ->
         Quiet = receive {'EXIT', Other, _} -> exit_after_unlink after 1000 -> quiet end,
         {Down, Exit, Quiet}
     end, []], 20000).
+
+%% The environment of a node on tailnet host Label: the offline tailnet,
+%% the helper, private socket and state directories, and Config's `env'.
+-spec node_env(list(), string()) -> [{string(), string()}].
+node_env(Config, Label) ->
+    RunDir = ?config(run_dir, Config),
+    [{"TS_CONTROL_URL", ?config(control_url, Config)},
+     {"TSDIST_HELPER", ?config(helper, Config)},
+     {"XDG_RUNTIME_DIR", RunDir},
+     {"TS_STATE_DIR", filename:join([RunDir, "state", Label])}
+     | proplists:get_value(env, Config, [])].
+
+%% The lines a port program prints, until it exits (its status) or Timeout
+%% passes between two lines (timeout).
+-spec collect_port(port(), [string()], timeout()) -> {integer() | timeout, [string()]}.
+collect_port(Port, Acc, Timeout) ->
+    receive
+        {Port, {data, {_, Line}}} -> collect_port(Port, [Line | Acc], Timeout);
+        {Port, {exit_status, Status}} -> {Status, lists:reverse(Acc)}
+    after Timeout ->
+        port_close(Port),
+        {timeout, lists:reverse(Acc)}
+    end.
 
 %% Polls F for up to 5 s; fails the test case if it never holds.
 -spec wait_until(fun(() -> boolean())) -> ok.
