@@ -721,9 +721,6 @@ func (c *client) portPlease(req Request) {
 	if n.Extra == nil {
 		n.Extra = []byte{} // "" rather than null in JSON
 	}
-	if n.Extra == nil {
-		n.Extra = []byte{} // "" rather than null in JSON
-	}
 	c.reply(req.ID, NodeInfo{
 		Name:           n.Name,
 		Host:           req.Host,

@@ -45,6 +45,11 @@ func runServe(args []string) error {
 	if err := carrier.ValidHostname(*hostname); err != nil {
 		return usageError{err}
 	}
+	// Checked before anything is created, like the other flags.
+	policy, err := access.Parse(*allow)
+	if err != nil {
+		return usageError{err}
+	}
 	if *localOnly || isLoopbackURL(*controlURL) {
 		carrier.KeepToLoopback()
 	}
@@ -99,10 +104,6 @@ func runServe(args []string) error {
 		go stopOnStdinClose(stop, say)
 	}
 
-	policy, err := access.Parse(*allow)
-	if err != nil {
-		return usageError{err}
-	}
 	srv := control.NewServer(node, version, say)
 	srv.SetPolicy(policy)
 	served := make(chan error, 2) // the control socket's and EPMD's
