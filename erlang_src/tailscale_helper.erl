@@ -68,6 +68,7 @@
 -define(CTRL_BUF, 64).       % holds CMSG_SPACE of several descriptors
 -define(MAX_FRAME, 16#1000000). % the protocol's MaxResponseSize
 -define(CONNECT_TIMEOUT, 10000).
+-define(HELPER_EXIT_WAIT, 5000). % longer than the helper's own bounded shutdown
 -define(PROTOCOL_VERSION, 1).
 
 %%% API
@@ -637,9 +638,29 @@ wait_for_socket(Port, Path, Deadline, Said) ->
 
 stop_helper(undefined) -> ok;
 stop_helper(Port) ->
+    OsPid = case erlang:port_info(Port, os_pid) of
+                {os_pid, P} -> P;
+                undefined -> undefined
+            end,
     %% Closing its stdin is the helper's signal to shut down cleanly.
     catch port_close(Port),
-    ok.
+    await_exit(OsPid, erlang:monotonic_time(millisecond) + ?HELPER_EXIT_WAIT).
+
+%% Waits until the helper process is gone, so that whatever starts next
+%% (distribution started again, a restart) does not attach to a helper
+%% that is shutting down, nor start a second one on the same state.
+await_exit(undefined, _Deadline) ->
+    ok;
+await_exit(OsPid, Deadline) ->
+    case prim_file:read_file_info("/proc/" ++ integer_to_list(OsPid)) of
+        {ok, _} ->
+            case erlang:monotonic_time(millisecond) > Deadline of
+                true -> logger:warning("tsdist: helper ~p still running after ~p ms", [OsPid, ?HELPER_EXIT_WAIT]);
+                false -> receive after 20 -> await_exit(OsPid, Deadline) end
+            end;
+        {error, _} ->
+            ok
+    end.
 
 hello_exchange(Sock) ->
     ok = send_frame(Sock, #{id => 1, op => hello, version => ?PROTOCOL_VERSION,
