@@ -54,7 +54,11 @@ four_nodes_find_each_other(Config) ->
     T0 = erlang:monotonic_time(millisecond),
     Nodes = [start_discovering(Config, N, H) || {N, H} <- [{d1, "disc1"}, {d2, "disc2"}, {d3, "disc3"}, {d4, "disc4"}]],
     Names = [N || {_, N} <- Nodes],
-    tsdist_ct:wait_until(fun() -> all_see(Nodes, Names) end, 150),
+    %% Usually about a second. Up to 15 s: when one of the first
+    %% connections between brand-new nodes fails, global disconnects
+    %% others to prevent overlapping partitions, and the mesh re-forms on
+    %% discovery's next rescans (seen once on OTP 27).
+    tsdist_ct:wait_until(fun() -> all_see(Nodes, Names) end, 300),
     ct:log("four nodes started with discovery saw each other ~p ms after the first started",
            [erlang:monotonic_time(millisecond) - T0]).
 
