@@ -3,6 +3,7 @@
 #   make demo    the offline tailnet with helpers passing a connection
 #   make test    every test (installs what is missing first)
 #   make build   bin/tsdist and the demo's client
+#   make bench   every carrier side by side; rewrites docs/BENCHMARKS.md and its plot
 
 export PATH := /usr/local/go/bin:$(PATH)
 # ts_omit_peerapiserver leaves tailscale's PeerAPI out of every binary: in a
@@ -15,7 +16,7 @@ GO ?= go
 # fixed in Go 1.27). 50,000 runs take a few seconds per target here.
 FUZZTIME ?= 50000x
 
-.PHONY: all build build-go build-erlang nif deps demo test test-go test-race test-erlang test-otp27 fuzz vet clean
+.PHONY: all build build-go build-erlang nif deps demo test test-go test-race test-erlang test-otp27 fuzz vet bench bench-smoke clean
 
 all: build
 
@@ -71,7 +72,18 @@ test-otp27: build
 	TSDIST_HELPER=$(CURDIR)/bin/tsdist bash scripts/otp27.sh host \
 		rebar3 ct --dir test/erlang --suite tailscale_mixed_SUITE
 
-test: build vet test-go test-race test-erlang test-otp27 fuzz
+# The benchmark (bench/bench.sh): one interleaved run of every carrier,
+# then docs/BENCHMARKS.md and docs/benchmarks.png from its numbers. About
+# 15 minutes; BENCH_REPEATS=N changes the repeats (5).
+bench: build
+	bash bench/bench.sh
+
+# A tiny run of the same harness (one repeat, small counts, no doc), so
+# that it never rots; it fails only if the harness does, never on speed.
+bench-smoke: build
+	BENCH_QUICK=1 BENCH_OUT=$(CURDIR)/_build/bench-smoke bash bench/bench.sh
+
+test: build vet test-go test-race test-erlang test-otp27 fuzz bench-smoke
 
 clean:
 	rm -rf bin priv _build

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The benchmark (make bench): every carrier, the same workloads, one
+# interleaved run on this machine; then docs/BENCHMARKS.md and
+# docs/benchmarks.png from its results. See bench/tsdist_bench.erl for what
+# is measured and how.
+#
+#   bash bench/bench.sh            # the full run (5 repeats, meshes of 2, 4, 8)
+#   BENCH_QUICK=1 bash bench/bench.sh   # the smoke run `make test` does:
+#                                  # 1 repeat, tiny counts, a mesh of 2; no doc
+#
+# Environment: BENCH_REPEATS, BENCH_MESH (e.g. 2,4,8), BENCH_CARRIERS
+# (tcp,tls,tailscale,tsnet,ergo), BENCH_VARIANT=LABEL=DIR (tailscale_dist and
+# raw tsnet once more with another tree's helper and OTP code: bench/ab.sh),
+# BENCH_OUT (results; default bench/out), BENCH_DOC (default
+# docs/BENCHMARKS.md; empty: no doc). Needs `make build` first (the make
+# target does it). Everything it starts (the offline tailnet, helpers, BEAM
+# nodes) it stops, and its temporary directory goes with it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH=/usr/local/go/bin:$PATH
+export GOFLAGS="${GOFLAGS:--buildvcs=false -tags=ts_omit_peerapiserver}"
+quick=${BENCH_QUICK:-0}
+out=${BENCH_OUT:-$PWD/bench/out}
+doc=${BENCH_DOC-docs/BENCHMARKS.md}
+[ "$quick" = 1 ] && doc=${BENCH_DOC:-}
+
+go build -o bin/tsnetbench ./bench/tsnetbench
+mkdir -p _build/bench "$out"
+erlc -o _build/bench bench/tsdist_bench.erl bench/bench_epmd.erl bench/bench_report.erl
+
+if [ -n "$doc" ] && ! command -v gnuplot >/dev/null; then
+	echo "bench: installing gnuplot (Debian's gnuplot-nox) for the plot"
+	if [ "$(id -u)" = 0 ]; then
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q gnuplot-nox >/dev/null ||
+			{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q gnuplot-nox >/dev/null; }
+	else
+		sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q gnuplot-nox >/dev/null
+	fi
+fi
+
+start=$(date +%s)
+BENCH_OUT=$out BENCH_ROOT=$PWD BENCH_EBIN=$PWD/_build/bench \
+	erl -noshell -pa _build/bench -pa _build/default/lib/tsdist/ebin -eval 'tsdist_bench:main()'
+echo "bench: run took $(($(date +%s) - start)) s"
+
+if [ -n "$doc" ]; then
+	BENCH_COMMAND=${BENCH_COMMAND:-make bench} \
+		erl -noshell -pa _build/bench -pa _build/default/lib/tsdist/ebin \
+		-eval "bench_report:main(\"$out\", \"$doc\", \"bench/NOTES.md\")"
+	gnuplot "$out/plot.gp"
+	echo "bench: wrote $doc and $(dirname "$doc")/benchmarks.png"
+fi
