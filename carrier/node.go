@@ -338,8 +338,10 @@ func (n *Node) awaitKnownBy(ctx context.Context, addr netip.Addr) error {
 
 // Resolve finds the tailnet IP of host among this node and its peers.
 // A bare name matches a node's MagicDNS label or, failing that, its
-// hostname; a dotted name matches a MagicDNS name; an IP must be the
-// tailnet address of one of those nodes. Matching ignores case and a
+// hostname; a dotted name matches a MagicDNS name or, failing that, the
+// node's hostname under the tailnet's suffix; when several nodes match,
+// online and newer ones win (see nameMatch); an IP must be
+// the tailnet address of one of those nodes. Matching ignores case and a
 // trailing dot. IPv4 is preferred.
 // Anything else fails with an error wrapping [ErrUnknownHost]; the system
 // resolver is never asked.
@@ -371,36 +373,75 @@ func (n *Node) Resolve(ctx context.Context, host string) (netip.Addr, error) {
 	if want == "" {
 		return netip.Addr{}, fmt.Errorf("carrier: empty host name: %w", ErrUnknownHost)
 	}
-	nodes := make([]*ipnstate.PeerStatus, 0, len(st.Peer)+1)
+	dnsName := func(p *ipnstate.PeerStatus) string { return strings.ToLower(strings.TrimSuffix(p.DNSName, ".")) }
+	label := func(p *ipnstate.PeerStatus) string { l, _, _ := strings.Cut(dnsName(p), "."); return l }
+	hostname := func(p *ipnstate.PeerStatus) string { return strings.ToLower(p.HostName) }
+	// hostnameFQDN is the MagicDNS name the node would have had, had
+	// nobody else held its hostname: "alpha.example.ts.net" for the
+	// "alpha-1.example.ts.net" that asked for "alpha".
+	hostnameFQDN := func(p *ipnstate.PeerStatus) string {
+		_, suffix, ok := strings.Cut(dnsName(p), ".")
+		if !ok {
+			return ""
+		}
+		return hostname(p) + "." + suffix
+	}
+	exact, loose := label, hostname
+	if strings.Contains(want, ".") {
+		exact, loose = dnsName, hostnameFQDN
+	}
+	var best *nameMatch
+	consider := func(p *ipnstate.PeerStatus, online bool) {
+		if len(p.TailscaleIPs) == 0 {
+			return
+		}
+		m := &nameMatch{peer: p, online: online, exact: exact(p) == want}
+		if (m.exact || loose(p) == want) && m.better(best) {
+			best = m
+		}
+	}
 	if st.Self != nil {
-		nodes = append(nodes, st.Self)
+		consider(st.Self, true)
 	}
 	for _, p := range st.Peer {
-		nodes = append(nodes, p)
+		consider(p, p.Online)
 	}
-	match := func(key func(*ipnstate.PeerStatus) string) (netip.Addr, bool) {
-		for _, p := range nodes {
-			if key(p) == want && len(p.TailscaleIPs) > 0 {
-				return preferIPv4(p.TailscaleIPs), true
-			}
-		}
-		return netip.Addr{}, false
-	}
-	dnsName := func(p *ipnstate.PeerStatus) string { return strings.ToLower(strings.TrimSuffix(p.DNSName, ".")) }
-	if strings.Contains(want, ".") {
-		if ip, ok := match(dnsName); ok {
-			return ip, nil
-		}
-	} else {
-		label := func(p *ipnstate.PeerStatus) string { l, _, _ := strings.Cut(dnsName(p), "."); return l }
-		if ip, ok := match(label); ok {
-			return ip, nil
-		}
-		if ip, ok := match(func(p *ipnstate.PeerStatus) string { return strings.ToLower(p.HostName) }); ok {
-			return ip, nil
-		}
+	if best != nil {
+		return preferIPv4(best.peer.TailscaleIPs), nil
 	}
 	return netip.Addr{}, fmt.Errorf("carrier: host %q is not on the tailnet: %w", host, ErrUnknownHost)
+}
+
+// nameMatch is a node whose name matches the one being resolved, exactly
+// (its MagicDNS label or name) or loosely (the hostname it asked for).
+//
+// A name can match more than one node. A node that was killed without
+// logging out lingers on the tailnet: an ephemeral one until the control
+// server's inactivity timeout, a persistent one until it is removed, and
+// the control server may still call it online for a while (Headscale:
+// about 15 s). The node that takes its place with the same hostname gets
+// a MagicDNS name with a suffix ("alpha-1"). Nodes name themselves by the
+// hostname they asked for (app@alpha), so that newer node must be what
+// "alpha" means: online nodes win over offline ones, the newest online
+// node wins, and an exact match wins when nothing else tells them apart.
+type nameMatch struct {
+	peer          *ipnstate.PeerStatus
+	online, exact bool
+}
+
+// better reports whether m should be chosen over other (nil: nothing yet).
+func (m *nameMatch) better(other *nameMatch) bool {
+	switch {
+	case other == nil:
+		return true
+	case m.online != other.online:
+		return m.online
+	case m.online && !m.peer.Created.Equal(other.peer.Created):
+		return m.peer.Created.After(other.peer.Created)
+	case m.exact != other.exact:
+		return m.exact
+	}
+	return false
 }
 
 func preferIPv4(ips []netip.Addr) netip.Addr {
@@ -420,4 +461,18 @@ func (n *Node) rawStatus(ctx context.Context) (*ipnstate.Status, error) {
 		return nil, fmt.Errorf("carrier: status: %w", err)
 	}
 	return st, nil
+}
+
+// DialAddr is [Node.Dial] for an address of the form "host:port", the shape
+// that dial hooks such as epmd.Client's take.
+func (n *Node) DialAddr(ctx context.Context, addr string) (net.Conn, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("carrier: dial %q: %w", addr, err)
+	}
+	p, err := strconv.ParseUint(port, 10, 16)
+	if err != nil {
+		return nil, fmt.Errorf("carrier: dial %q: bad port: %w", addr, err)
+	}
+	return n.Dial(ctx, host, uint16(p))
 }

@@ -13,9 +13,12 @@ import (
 	"crypto/tls"
 	"fmt"
 	"log"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -80,61 +83,12 @@ func Start(ctx context.Context, opts Options) (_ *Net, err error) {
 		}
 	}()
 
-	stunCtx, stopSTUN := context.WithCancel(context.Background())
-	stun := stunserver.New(stunCtx)
-	if err := stun.Listen("127.0.0.1:0"); err != nil {
-		stopSTUN()
-		return nil, fmt.Errorf("devnet: STUN listen: %w", err)
-	}
-	stunDone := make(chan struct{})
-	go func() {
-		defer close(stunDone)
-		stun.Serve()
-	}()
-	n.closers = append(n.closers, func() { stopSTUN(); <-stunDone })
-	stunPort := stun.LocalAddr().(*net.UDPAddr).Port
-
-	derp := derpserver.New(key.NewNode(), logf)
-	derpLn, err := net.Listen("tcp", "127.0.0.1:0")
+	relay, err := StartRelay(logf)
 	if err != nil {
-		derp.Close()
-		return nil, fmt.Errorf("devnet: DERP listen: %w", err)
+		return nil, err
 	}
-	derpHTTP := httptest.NewUnstartedServer(derpserver.Handler(derp))
-	derpHTTP.Listener.Close()
-	derpHTTP.Listener = derpLn
-	derpHTTP.Config.ErrorLog = logger.StdLogger(logf)
-	// DERP upgrades the HTTP/1.1 connection; HTTP/2 would break that.
-	derpHTTP.Config.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){}
-	derpHTTP.StartTLS()
-	n.closers = append(n.closers, func() {
-		derpHTTP.CloseClientConnections()
-		derpHTTP.Close()
-		derp.Close()
-	})
-
-	n.DERPMap = &tailcfg.DERPMap{
-		Regions: map[int]*tailcfg.DERPRegion{
-			1: {
-				RegionID:   1,
-				RegionCode: "loopback",
-				RegionName: "Offline loopback DERP",
-				Nodes: []*tailcfg.DERPNode{{
-					Name:     "1a",
-					RegionID: 1,
-					HostName: "127.0.0.1",
-					IPv4:     "127.0.0.1",
-					IPv6:     "none",
-					STUNPort: stunPort,
-					DERPPort: derpLn.Addr().(*net.TCPAddr).Port,
-					// The DERP server's certificate is httptest's
-					// self-signed one; there is no CA to check it against.
-					InsecureForTests: true,
-					STUNTestIP:       "127.0.0.1",
-				}},
-			},
-		},
-	}
+	n.closers = append(n.closers, relay.Close)
+	n.DERPMap = relay.DERPMap
 
 	n.control = &testcontrol.Server{
 		DERPMap:          n.DERPMap,
@@ -172,6 +126,121 @@ func Start(ctx context.Context, opts Options) (_ *Net, err error) {
 		n.closers = append(n.closers, func() { stop() })
 	}
 	return n, nil
+}
+
+// Relay is a DERP relay and a STUN server on 127.0.0.1 with no control
+// server: what a real coordination server (Headscale) hands its nodes as
+// their DERP map when the tailnet must stay on loopback. [Start] runs one
+// for the test control server.
+type Relay struct {
+	// DERPMap has one region, "loopback", whose one node is this relay.
+	DERPMap *tailcfg.DERPMap
+
+	closeOnce sync.Once
+	closers   []func()
+}
+
+// StartRelay starts a DERP relay (TLS with a self-signed certificate, so
+// its DERP map node says InsecureForTests) and a STUN server, both on
+// 127.0.0.1, and returns once they are listening. logf receives their logs
+// (nil discards them). Close stops both.
+func StartRelay(logf logger.Logf) (_ *Relay, err error) {
+	if logf == nil {
+		logf = logger.Discard
+	}
+	r := &Relay{}
+	defer func() {
+		if err != nil {
+			r.Close()
+		}
+	}()
+
+	stunCtx, stopSTUN := context.WithCancel(context.Background())
+	stun := stunserver.New(stunCtx)
+	if err := stun.Listen("127.0.0.1:0"); err != nil {
+		stopSTUN()
+		return nil, fmt.Errorf("devnet: STUN listen: %w", err)
+	}
+	stunDone := make(chan struct{})
+	go func() {
+		defer close(stunDone)
+		stun.Serve()
+	}()
+	r.closers = append(r.closers, func() { stopSTUN(); <-stunDone })
+	stunPort := stun.LocalAddr().(*net.UDPAddr).Port
+
+	derp := derpserver.New(key.NewNode(), logf)
+	derpLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		derp.Close()
+		return nil, fmt.Errorf("devnet: DERP listen: %w", err)
+	}
+	derpHTTP := httptest.NewUnstartedServer(derpserver.Handler(derp))
+	derpHTTP.Listener.Close()
+	derpHTTP.Listener = derpLn
+	derpHTTP.Config.ErrorLog = logger.StdLogger(logf)
+	// DERP upgrades the HTTP/1.1 connection; HTTP/2 would break that.
+	derpHTTP.Config.TLSNextProto = map[string]func(*http.Server, *tls.Conn, http.Handler){}
+	derpHTTP.StartTLS()
+	r.closers = append(r.closers, func() {
+		derpHTTP.CloseClientConnections()
+		derpHTTP.Close()
+		derp.Close()
+	})
+
+	r.DERPMap = &tailcfg.DERPMap{
+		Regions: map[int]*tailcfg.DERPRegion{
+			1: {
+				RegionID:   1,
+				RegionCode: "loopback",
+				RegionName: "Offline loopback DERP",
+				Nodes: []*tailcfg.DERPNode{{
+					Name:     "1a",
+					RegionID: 1,
+					HostName: "127.0.0.1",
+					IPv4:     "127.0.0.1",
+					IPv6:     "none",
+					STUNPort: stunPort,
+					DERPPort: derpLn.Addr().(*net.TCPAddr).Port,
+					// The DERP server's certificate is httptest's
+					// self-signed one; there is no CA to check it against.
+					InsecureForTests: true,
+					STUNTestIP:       "127.0.0.1",
+				}},
+			},
+		},
+	}
+	return r, nil
+}
+
+// HeadscaleDERPMap is the relay's DERP map as a Headscale DERP map file
+// (the YAML that Headscale's derp.paths names: tailcfg's field names in
+// lower case).
+func (r *Relay) HeadscaleDERPMap() []byte {
+	var b strings.Builder
+	b.WriteString("# The tsdist offline DERP relay and STUN server on 127.0.0.1 (tsdist devnet --relay-only).\n")
+	b.WriteString("regions:\n")
+	for _, id := range slices.Sorted(maps.Keys(r.DERPMap.Regions)) {
+		reg := r.DERPMap.Regions[id]
+		fmt.Fprintf(&b, "  %d:\n    regionid: %d\n    regioncode: %s\n    regionname: %q\n    nodes:\n",
+			id, reg.RegionID, reg.RegionCode, reg.RegionName)
+		for _, n := range reg.Nodes {
+			fmt.Fprintf(&b, "      - name: %q\n        regionid: %d\n        hostname: %q\n        ipv4: %q\n        ipv6: %q\n"+
+				"        stunport: %d\n        derpport: %d\n        insecurefortests: %t\n        stuntestip: %q\n",
+				n.Name, n.RegionID, n.HostName, n.IPv4, n.IPv6, n.STUNPort, n.DERPPort, n.InsecureForTests, n.STUNTestIP)
+		}
+	}
+	return []byte(b.String())
+}
+
+// Close stops the relay and the STUN server. It is safe to call more than
+// once.
+func (r *Relay) Close() {
+	r.closeOnce.Do(func() {
+		for i := len(r.closers) - 1; i >= 0; i-- {
+			r.closers[i]()
+		}
+	})
 }
 
 // trackOnline marks a node online while it holds a map stream open, as a

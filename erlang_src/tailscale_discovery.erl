@@ -19,7 +19,7 @@
 %%%   tags                     []     a peer must carry one of these ACL tags
 %%%                                   ([]: no tag filter)
 %%%   hostname_pattern         undefined  a regex a peer's tailnet hostname
-%%%                                   must match
+%%%                                   (or its MagicDNS label) must match
 %%%   online_only              true   skip peers the tailnet says are offline
 %%%   disconnect_on_departure  true   disconnect nodes that no longer match
 %%%   rescan_ms                2000   how often to look again without an
@@ -134,11 +134,31 @@ matches(Peer, #{tags := Tags, hostname_pattern := Pattern, online_only := Online
     PeerTags = maps:get(<<"tags">>, Peer, []),
     Tagged = Tags =:= [] orelse lists:any(fun(T) -> lists:member(to_bin(T), PeerTags) end, Tags),
     Named = Pattern =:= undefined orelse Pattern =:= nil orelse % nil: from Elixir
-        re:run(maps:get(<<"node">>, Peer, <<>>), Pattern, [{capture, none}]) =:= match,
+        lists:any(fun(Name) -> re:run(Name, Pattern, [{capture, none}]) =:= match end,
+                  [maps:get(<<"node">>, Peer, <<>>), maps:get(<<"hostname">>, Peer, <<>>)]),
     Online andalso Tagged andalso Named.
 
-host_of(Peer, false) -> binary_to_list(maps:get(<<"node">>, Peer));
-host_of(Peer, true) -> binary_to_list(maps:get(<<"dns_name">>, Peer)).
+%% The host part of the names of a peer's nodes. A node names itself by
+%% the hostname its helper asked for (app@alpha), which is the peer's
+%% MagicDNS label unless another node held that name when it joined (most
+%% likely an earlier run of it that never logged out): then the label is
+%% "alpha-1", and the helper resolves "alpha" to the online node.
+host_of(Peer, false) ->
+    binary_to_list(short_host(Peer));
+host_of(Peer, true) ->
+    DNSName = maps:get(<<"dns_name">>, Peer),
+    case binary:split(DNSName, <<".">>) of
+        [_, Suffix] -> binary_to_list(<<(short_host(Peer))/binary, ".", Suffix/binary>>);
+        [_] -> binary_to_list(DNSName)
+    end.
+
+short_host(Peer) ->
+    Label = maps:get(<<"node">>, Peer),
+    Hostname = maps:get(<<"hostname">>, Peer, <<>>),
+    case re:run(Hostname, "^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$", [{capture, none}]) of
+        match -> Hostname;
+        nomatch -> Label
+    end.
 
 %% This node's own host, written as its node name writes it.
 own_host(Label, Long) ->

@@ -143,6 +143,13 @@ func runServe(args []string) error {
 			}
 			say("running on the tailnet as %s (%s) after %v; control socket %s",
 				st.Self.DNSName, strings.Join(st.Self.IPs, ", "), time.Since(start).Round(time.Millisecond), *socket)
+			if st.Self.Node != "" && !strings.EqualFold(st.Self.Node, *hostname) {
+				say("note: the tailnet named this node %s, not %s: another node holds that name, most likely an earlier run of this one "+
+					"that did not log out (an ephemeral node stays until the control server's inactivity timeout, a persistent one until it is removed). "+
+					"Peers still reach this node as %s (online nodes win), but its MagicDNS name is %s; "+
+					"remove the stale node (Headscale: headscale nodes delete; Tailscale: the admin console) and reuse the state dir (or --ephemeral) to avoid it",
+					st.Self.Node, *hostname, *hostname, st.Self.DNSName)
+			}
 			epmdLn, err := node.Listen(epmd.DefaultPort)
 			if err != nil {
 				return fmt.Errorf("EPMD on the tailnet: %w", err)
