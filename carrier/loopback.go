@@ -1,6 +1,8 @@
 package carrier
 
 import (
+	"net/netip"
+	"net/url"
 	"sync"
 
 	"tailscale.com/envknob"
@@ -48,4 +50,19 @@ func KeepsToLoopback() bool {
 		}
 	}
 	return true
+}
+
+// IsLoopbackURL reports whether a control URL names a loopback host, as the
+// offline tailnet's does. A node whose control server is on loopback has
+// every peer on loopback too, so callers apply [KeepToLoopback] for it.
+func IsLoopbackURL(raw string) bool {
+	u, err := url.Parse(raw)
+	if err != nil || u.Hostname() == "" {
+		return false
+	}
+	if u.Hostname() == "localhost" {
+		return true
+	}
+	ip, err := netip.ParseAddr(u.Hostname())
+	return err == nil && ip.IsLoopback()
 }

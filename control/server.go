@@ -31,7 +31,6 @@ const (
 	WriteTimeout     = 30 * time.Second
 	DefaultDialTime  = 15 * time.Second
 	MaxDialTime      = 5 * time.Minute
-	whoIsTime        = 10 * time.Second
 	controlReadBytes = 64 << 10
 )
 
@@ -60,7 +59,7 @@ type Server struct {
 	bridges   map[*bridge]struct{}
 	// lastCarried is when the last carried connection ended.
 	lastCarried time.Time
-	policy      access.Policy // who may reach this node; see Admit
+	gate        *access.Gate // who may reach this node; see Admit
 }
 
 type tailnetListener struct {
@@ -85,7 +84,7 @@ func NewServer(node *carrier.Node, helperVersion string, logf logger.Logf) *Serv
 		logf:      logf,
 		version:   helperVersion,
 		registry:  epmd.NewRegistry(),
-		policy:    access.MustParse(access.Default),
+		gate:      access.NewGate(node, logf),
 		ctx:       ctx,
 		cancel:    cancel,
 		netLns:    map[net.Listener]struct{}{},
@@ -93,17 +92,7 @@ func NewServer(node *carrier.Node, helperVersion string, logf logger.Logf) *Serv
 		listeners: map[int]*tailnetListener{},
 		bridges:   map[*bridge]struct{}{},
 	}
-	s.epmd.Dial = func(ctx context.Context, addr string) (net.Conn, error) {
-		host, port, err := net.SplitHostPort(addr)
-		if err != nil {
-			return nil, err
-		}
-		p, err := strconv.ParseUint(port, 10, 16)
-		if err != nil {
-			return nil, err
-		}
-		return node.Dial(ctx, host, uint16(p))
-	}
+	s.epmd.Dial = node.DialAddr
 	return s
 }
 
