@@ -16,7 +16,7 @@ GO ?= go
 # fixed in Go 1.27). 50,000 runs take a few seconds per target here.
 FUZZTIME ?= 50000x
 
-.PHONY: all build build-go build-erlang nif deps demo test test-go test-race test-erlang test-otp27 fuzz vet bench bench-smoke clean
+.PHONY: all build build-go build-erlang nif deps demo test test-go test-race test-erlang test-otp27 test-headscale fuzz vet bench bench-smoke clean
 
 all: build
 
@@ -83,7 +83,15 @@ bench: build
 bench-smoke: build
 	BENCH_QUICK=1 BENCH_OUT=$(CURDIR)/_build/bench-smoke bash bench/bench.sh
 
-test: build vet test-go test-race test-erlang test-otp27 fuzz bench-smoke
+# A real control server: Headscale (scripts/headscale.sh builds it once,
+# about 3.5 minutes, and caches it outside the repository) on 127.0.0.1,
+# offline, with the DERP relay of `tsdist devnet --relay-only', and real
+# BEAM nodes joining it with pre-auth keys, tags and interactive login.
+test-headscale: build
+	hs=$$(bash scripts/headscale.sh build) && \
+		TSDIST_HEADSCALE=$$hs TSDIST_HELPER=$(CURDIR)/bin/tsdist rebar3 ct --dir test/erlang --suite tailscale_headscale_SUITE
+
+test: build vet test-go test-race test-erlang test-otp27 fuzz bench-smoke test-headscale
 
 clean:
 	rm -rf bin priv _build

@@ -8,6 +8,13 @@
 %%% its own `tsdist serve' as a user's node would. A `{exec, {Prog, Args}}'
 %%% in Config runs nodes through Prog (the OTP 27 lane's chroot); an
 %%% `{env, [{Var, Value}]}' adds to their environment.
+%%%
+%%% start_headscale/3 runs a real control server instead: Headscale
+%%% (TSDIST_HEADSCALE names its binary; `make test-headscale' builds it
+%%% with scripts/headscale.sh) on 127.0.0.1, offline, with the DERP relay
+%%% of `tsdist devnet --relay-only'; headscale/2 and headscale_json/2 run
+%%% its CLI. Nodes start on it as on the offline tailnet, with their auth
+%%% key, tags and policy in Config's `env'.
 -module(tsdist_ct).
 
 -include_lib("common_test/include/ct.hrl").
@@ -18,6 +25,8 @@
          start_node_result/4, start_node_result/5,
          wait_until/1, wait_until/2, cookie/0, links_and_monitors/3, collect_port/3,
          node_env/2]).
+-export([start_headscale/3, stop_headscale/1, headscale/2, headscale_json/2,
+         start_service/3, stop_service/1, free_port/0]).
 
 -spec cookie() -> string().
 cookie() ->
@@ -56,6 +65,158 @@ stop_tailnet(Config) ->
     ?config(devnet, Config) ! stop,
     _ = os:cmd("rm -rf " ++ ?config(run_dir, Config)),
     ok.
+
+%% Starts Headscale on 127.0.0.1 with Users and Policy (a policy file's text; see
+%% Headscale's policy documentation) and nothing but loopback: no DERP map
+%% from the Internet (a local DERP map file names the relay of `tsdist
+%% devnet --relay-only'), no update checks, no log upload, MagicDNS under
+%% hs.tsdist.test, its database in a run directory. Returns Config with
+%% helper, run_dir and control_url as start_tailnet/1 does, and headscale
+%% (its binary and config file) for headscale/2.
+-spec start_headscale(list(), [string()], iodata()) -> list().
+start_headscale(Config, Users, Policy) ->
+    Helper = env_or_fail("TSDIST_HELPER", "the tsdist binary (make test sets it)"),
+    Bin = env_or_fail("TSDIST_HEADSCALE", "the headscale binary (make test-headscale builds it)"),
+    RunDir = string:trim(os:cmd("mktemp -d /tmp/tsdist-hs-XXXXXX")),
+    DerpMap = filename:join(RunDir, "derp.yaml"),
+    Relay = start_service(Helper, ["devnet", "--relay-only", "--derp-map-file", DerpMap],
+                          filename:join(RunDir, "relay.log")),
+    _ = wait_for_file(DerpMap, 100),
+    Port = free_port(),
+    Url = "http://127.0.0.1:" ++ integer_to_list(Port),
+    Cfg = filename:join(RunDir, "headscale.yaml"),
+    ok = file:write_file(Cfg, headscale_config(RunDir, Port, DerpMap)),
+    T0 = erlang:monotonic_time(millisecond),
+    Headscale = start_service(Bin, ["serve", "-c", Cfg], filename:join(RunDir, "headscale.log")),
+    Config1 = [{helper, Helper}, {run_dir, RunDir}, {control_url, Url},
+               {headscale, {Bin, Cfg}}, {services, [Headscale, Relay]} | Config],
+    %% Ready once its CLI (on its Unix socket) answers.
+    wait_until(fun() -> element(1, headscale(Config1, ["users", "list"])) =:= ok end, 200),
+    [{ok, _} = headscale(Config1, ["users", "create", U]) || U <- Users],
+    PolicyFile = filename:join(RunDir, "policy.json"),
+    ok = file:write_file(PolicyFile, Policy),
+    {ok, _} = headscale(Config1, ["policy", "set", "-f", PolicyFile]),
+    ct:log("Headscale at ~s (ready after ~p ms), its files in ~s",
+           [Url, erlang:monotonic_time(millisecond) - T0, RunDir]),
+    Config1.
+
+-spec stop_headscale(list()) -> ok.
+stop_headscale(Config) ->
+    [stop_service(S) || S <- ?config(services, Config)],
+    _ = os:cmd("rm -rf " ++ ?config(run_dir, Config)),
+    ok.
+
+headscale_config(RunDir, Port, DerpMap) ->
+    F = fun(Name) -> filename:join(RunDir, Name) end,
+    io_lib:format(
+      "# Headscale for the tsdist tests: 127.0.0.1 only, offline.~n"
+      "server_url: http://127.0.0.1:~b~n"
+      "listen_addr: 127.0.0.1:~b~n"
+      "metrics_listen_addr: \"\"~n"
+      "grpc_listen_addr: 127.0.0.1:0~n"
+      "grpc_allow_insecure: false~n"
+      "noise:~n  private_key_path: ~s~n"
+      "prefixes:~n  v4: 100.64.0.0/10~n  v6: fd7a:115c:a1e0::/48~n  allocation: sequential~n"
+      "derp:~n  server:~n    enabled: false~n  urls: []~n  paths: [~s]~n  auto_update_enabled: false~n"
+      "disable_check_updates: true~n"
+      %% Headscale's minimum: a killed ephemeral node lingers this long.
+      "node:~n  ephemeral:~n    inactivity_timeout: 70s~n"
+      "database:~n  type: sqlite~n  sqlite:~n    path: ~s~n    write_ahead_log: true~n"
+      "log:~n  level: info~n"
+      "policy:~n  mode: database~n"
+      "dns:~n  magic_dns: true~n  base_domain: hs.tsdist.test~n  override_local_dns: false~n"
+      "  nameservers:~n    global: []~n"
+      "unix_socket: ~s~n"
+      "unix_socket_permission: \"0700\"~n"
+      "logtail:~n  enabled: false~n"
+      "taildrop:~n  enabled: false~n",
+      [Port, Port, F("noise_private.key"), DerpMap, F("db.sqlite"), F("headscale.sock")]).
+
+%% Runs Headscale's CLI against the server start_headscale/3 started.
+-spec headscale(list(), [string()]) -> {ok, string()} | {error, {integer() | timeout, string()}}.
+headscale(Config, Args) ->
+    {Bin, Cfg} = ?config(headscale, Config),
+    Port = open_port({spawn_executable, Bin},
+                     [{args, ["-c", Cfg | Args]}, exit_status, use_stdio, stderr_to_stdout,
+                      {line, 65536}]),
+    case collect_port(Port, [], 30000) of
+        {0, Lines} -> {ok, lists:flatten(lists:join("\n", Lines))};
+        {Status, Lines} -> {error, {Status, lists:flatten(lists:join("\n", Lines))}}
+    end.
+
+%% The CLI's JSON output (-o json), decoded; fails the test case if the
+%% command fails.
+-spec headscale_json(list(), [string()]) -> term().
+headscale_json(Config, Args) ->
+    case headscale(Config, Args ++ ["-o", "json"]) of
+        {ok, Out} ->
+            {ok, Json} = tailscale_json:decode(unicode:characters_to_binary(Out)),
+            Json;
+        {error, E} ->
+            ct:fail({headscale, Args, E})
+    end.
+
+%% Runs Exe with Args in the background, its output appended to Log, under
+%% a shell that stops it (SIGTERM, by its PID) when its standard input
+%% closes: when stop_service/1 closes the port, or when this BEAM ends,
+%% however it ends. A process of its own holds the port, so the caller's
+%% end does not close it.
+-spec start_service(string(), [string()], string()) -> pid().
+start_service(Exe, Args, Log) ->
+    %% (An asynchronous list's standard input is /dev/null unless
+    %% redirected, hence fd 3.)
+    Script = "log=$1; shift; exec 3<&0; \"$@\" </dev/null 3<&- >>\"$log\" 2>&1 & pid=$!; "
+             "(while read -r _ <&3; do :; done; kill $pid 2>/dev/null) & watcher=$!; "
+             "wait $pid; status=$?; kill $watcher 2>/dev/null; exit $status",
+    Parent = self(),
+    Holder = spawn(fun() ->
+        Port = open_port({spawn_executable, "/bin/sh"},
+                         [{args, ["-c", Script, "sh", Log, Exe | Args]}, exit_status, use_stdio]),
+        {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+        Parent ! {self(), started},
+        receive
+            {stop, From} ->
+                catch port_close(Port),
+                From ! {self(), stopped, wait_gone(OsPid, 200)};
+            {Port, {exit_status, Status}} ->
+                ct:pal("~s exited with status ~p; its log: ~s", [Exe, Status, Log]),
+                receive {stop, From} -> From ! {self(), stopped, true} end
+        end
+    end),
+    receive {Holder, started} -> Holder end.
+
+%% Stops a service of start_service/3 and waits (up to 10 s) for it to be
+%% gone.
+-spec stop_service(pid()) -> ok.
+stop_service(Holder) ->
+    Holder ! {stop, self()},
+    receive
+        {Holder, stopped, true} -> ok;
+        {Holder, stopped, false} -> ct:fail({service_did_not_stop, Holder})
+    after 15000 -> ct:fail({service_did_not_stop, Holder})
+    end.
+
+wait_gone(_OsPid, 0) ->
+    false;
+wait_gone(OsPid, N) ->
+    case os:cmd("kill -0 " ++ integer_to_list(OsPid) ++ " 2>/dev/null && echo alive") of
+        "alive" ++ _ -> timer:sleep(50), wait_gone(OsPid, N - 1);
+        _ -> true
+    end.
+
+%% A TCP port on 127.0.0.1 that was free a moment ago.
+-spec free_port() -> inet:port_number().
+free_port() ->
+    {ok, S} = gen_tcp:listen(0, [{ip, {127, 0, 0, 1}}]),
+    {ok, Port} = inet:port(S),
+    gen_tcp:close(S),
+    Port.
+
+env_or_fail(Var, What) ->
+    case os:getenv(Var) of
+        false -> ct:fail(Var ++ " is not set: it must name " ++ What);
+        V -> V
+    end.
 
 -spec start_node(list(), atom(), string()) -> {pid(), node()}.
 start_node(Config, Name, Host) ->
