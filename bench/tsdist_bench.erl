@@ -85,7 +85,8 @@ run() ->
 opts() ->
     Quick = env("BENCH_QUICK", "0") =:= "1",
     Repeats = list_to_integer(env("BENCH_REPEATS", case Quick of true -> "1"; false -> "5" end)),
-    Mesh = [list_to_integer(N) || N <- string:lexemes(env("BENCH_MESH", case Quick of true -> "2"; false -> "2,4,8" end), ",")],
+    Mesh = [list_to_integer(N) || N <- string:lexemes(env("BENCH_MESH", case Quick of true -> "2"; false -> "2,4,8" end), ","),
+                                  N =/= "none"],
     Carriers = string:lexemes(env("BENCH_CARRIERS", "tcp,tls,tailscale,tsnet,ergo"), ","),
     Root = env("BENCH_ROOT", element(2, file:get_cwd())),
     #{quick => Quick, repeats => Repeats, mesh => Mesh, carriers => Carriers, root => Root,

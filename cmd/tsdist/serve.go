@@ -35,6 +35,7 @@ func runServe(args []string) error {
 	localOnly := fs.Bool("local-only", false, "keep every packet on loopback (implied when the control URL is on loopback)")
 	verbose := fs.Bool("verbose", false, "print tailscale's own logs to stderr")
 	allow := fs.String("allow", envOr(access.Default, "TSDIST_ALLOW"), "which tailnet peers may reach this node and its EPMD: comma-separated `rules` owner, user:LOGIN, tag:NAME, host:NAME, * (env TSDIST_ALLOW)")
+	pprofAddr := fs.String("pprof", envOr("", "TSDIST_PPROF"), "serve Go's profiler on `addr`, a Unix socket path or a loopback host:port (env TSDIST_PPROF); off by default")
 	exitWithStdin := fs.Bool("exit-with-stdin", false, "shut down when standard input closes, so a parent that starts the helper as a port program takes it down when it dies")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -71,6 +72,13 @@ func runServe(args []string) error {
 	}
 
 	say := log.New(os.Stderr, "tsdist["+*hostname+"]: ", 0).Printf
+	if *pprofAddr != "" {
+		stopPprof, err := servePprof(*pprofAddr, say)
+		if err != nil {
+			return err
+		}
+		defer stopPprof()
+	}
 	cfg := carrier.Config{
 		Hostname:   *hostname,
 		ControlURL: *controlURL,
