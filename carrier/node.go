@@ -159,7 +159,7 @@ func (n *Node) up(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("carrier: start %s: %w", n.cfg.Hostname, err)
 	}
-	if err := n.shortenTimeWait(); err != nil {
+	if err := n.tuneNetstack(); err != nil {
 		return fmt.Errorf("carrier: start %s: %w", n.cfg.Hostname, err)
 	}
 	watcher, err := lc.WatchIPNBus(ctx, ipn.NotifyInitialState)
@@ -251,17 +251,28 @@ func (n *Node) Dial(ctx context.Context, host string, port uint16) (net.Conn, er
 }
 
 // timeWait is how long a closed TCP connection of this node lingers in
-// TIME_WAIT; netstack's default is the Internet's 60 s.
+// TIME_WAIT; netstack's default is the Internet's 60 s. See tuneNetstack.
 const timeWait = time.Second
 
-// shortenTimeWait sets netstack's TIME_WAIT to timeWait. The side that
-// closes first holds the connection in TIME_WAIT, and an EPMD server closes
-// first after every answer (clients wait for it), so a node that looks up
-// ports often would soon reuse a source port the server still holds: its
-// SYN then waits out retransmission, several seconds. Inside a WireGuard
-// tunnel, with its own sequence numbers and replay protection, a stray old
-// segment needs far less than 60 s to drain.
-func (n *Node) shortenTimeWait() error {
+// tuneNetstack sets the node's TCP options: a short TIME_WAIT, and small
+// socket buffers.
+//
+// TIME_WAIT (timeWait): the side that closes first holds the connection in
+// TIME_WAIT, and an EPMD server closes first after every answer (clients
+// wait for it), so a node that looks up ports often would soon reuse a
+// source port the server still holds: its SYN then waits out
+// retransmission, several seconds. Inside a WireGuard tunnel, with its own
+// sequence numbers and replay protection, a stray old segment needs far
+// less than 60 s to drain.
+//
+// Buffers (tcpBufMax): tailscale lets a connection's send and receive
+// buffers grow to 6 and 8 MiB, for long fat paths. Each 1280-byte packet
+// in flight then holds a 64 KiB wireguard-go message buffer, so one bulk
+// connection kept several hundred MB of them (pprof, docs/BENCHMARKS.md),
+// and a receiver that stops reading had MiBs queued in the helper. Capped
+// at tcpBufMax, a connection still fills a 1 Gb/s path with 8 ms of round
+// trip, and a stuck one holds about 1 MiB here.
+func (n *Node) tuneNetstack() error {
 	impl, ok := n.ts.Sys().Netstack.GetOK()
 	if !ok {
 		return errors.New("tsnet has no userspace network stack")
@@ -276,8 +287,21 @@ func (n *Node) shortenTimeWait() error {
 	if err := ns.SetTransportProtocolOption(tcp.ProtocolNumber, &opt); err != nil {
 		return fmt.Errorf("set TCP TIME_WAIT to %v: %v", timeWait, err)
 	}
+	// tailscale's own minimum and default (gVisor's), with a lower maximum.
+	rx := tcpip.TCPReceiveBufferSizeRangeOption{Min: tcp.MinBufferSize, Default: min(tcp.DefaultReceiveBufferSize, tcpBufMax), Max: tcpBufMax}
+	if err := ns.SetTransportProtocolOption(tcp.ProtocolNumber, &rx); err != nil {
+		return fmt.Errorf("set TCP receive buffer sizes: %v", err)
+	}
+	tx := tcpip.TCPSendBufferSizeRangeOption{Min: tcp.MinBufferSize, Default: min(tcp.DefaultSendBufferSize, tcpBufMax), Max: tcpBufMax}
+	if err := ns.SetTransportProtocolOption(tcp.ProtocolNumber, &tx); err != nil {
+		return fmt.Errorf("set TCP send buffer sizes: %v", err)
+	}
 	return nil
 }
+
+// tcpBufMax caps each TCP connection's send and receive buffer in the
+// node's network stack; see tuneNetstack.
+const tcpBufMax = 1 << 20
 
 // Disco pings to a peer that may not yet know this node: how long one
 // waits for its pong, how long before the next, and how long a dial waits
