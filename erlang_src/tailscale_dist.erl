@@ -39,6 +39,10 @@
 
 -record(listener, {port :: 1..65535, name :: atom()}).
 
+%% The inet driver's user-space receive buffer of a connection once it is
+%% up (the default is 1460 bytes, one read per TCP segment's worth).
+-define(RECV_BUFFER, 65536).
+
 %% The helper's process starts before net_kernel, under net_sup.
 -spec childspecs() -> {ok, [supervisor:child_spec()]}.
 childspecs() ->
@@ -258,7 +262,8 @@ hs_data(Socket, Address) ->
        f_setopts_pre_nodeup =
            fun(S) -> inet:setopts(S, [{active, false}, {packet, 4}]) end,
        f_setopts_post_nodeup =
-           fun(S) -> inet:setopts(S, [{active, true}, {deliver, port}, {packet, 4}, binary]) end,
+           fun(S) -> inet:setopts(S, [{active, true}, {deliver, port}, {packet, 4}, binary,
+                                      {buffer, ?RECV_BUFFER}]) end,
        f_getll = fun inet:getll/1,
        f_address =
            fun(_, Node) ->
