@@ -16,7 +16,8 @@
 %%% 64-byte message to a process on B and back: median and p99), 64-byte
 %%% messages per second and 1 MiB messages in MB/s (one sender on A, one
 %%% receiver on B, timed until B has them all), and resident memory of A's
-%%% BEAM and helper after the transfers. Then full-mesh formation for 2, 4
+%%% BEAM and helper right after the transfers, and of the helper again 5 s
+%%% later, at rest. Then full-mesh formation for 2, 4
 %%% and 8 fresh nodes: every node connects to every other at once, timed
 %%% until each sees all others.
 %%%
@@ -94,7 +95,9 @@ opts() ->
       bench_ebin => env("BENCH_EBIN", filename:join(Root, "_build/bench")),
       pings => case Quick of true -> 200; false -> 2000 end,
       msgs => case Quick of true -> 5000; false -> 200000 end,
-      mibs => case Quick of true -> 4; false -> 64 end}.
+      mibs => case Quick of true -> 4; false -> 64 end,
+      %% how long after the transfers the memory "at rest" is read
+      rest => case Quick of true -> 200; false -> 5000 end}.
 
 env(Var, Default) ->
     case os:getenv(Var) of
@@ -181,13 +184,15 @@ run_pair(C, R, Ctx) ->
         _ = call(A, stream, [NB, 1 bsl 20, 2]),
         Mib = call(A, stream, [NB, 1 bsl 20, maps:get(mibs, Ctx)]),
         {BeamPid, HelperPid} = call(A, pids, []),
+        Busy = [{beam_rss_mb, rss_mb(BeamPid)}] ++ [{helper_rss_mb, rss_mb(HelperPid)} || HelperPid =/= undefined],
+        timer:sleep(maps:get(rest, Ctx)),
+        Rest = [{helper_rss_rest_mb, rss_mb(HelperPid)} || HelperPid =/= undefined],
         Ms = [{boot_ms, BootA / 1000}, {boot_ms, BootB / 1000},
               {setup_ms, Setup / 1000},
               {rtt_median_us, RttMed}, {rtt_p99_us, RttP99},
               {msg64_per_s, maps:get(msgs, Ctx) / (Msg64 / 1.0e6)},
-              {mib_mb_s, maps:get(mibs, Ctx) * 1.048576 / (Mib / 1.0e6)},
-              {beam_rss_mb, rss_mb(BeamPid)}]
-            ++ [{helper_rss_mb, rss_mb(HelperPid)} || HelperPid =/= undefined],
+              {mib_mb_s, maps:get(mibs, Ctx) * 1.048576 / (Mib / 1.0e6)}]
+            ++ Busy ++ Rest,
         report(Id, Ms),
         [sample(C, R, M, V) || {M, V} <- Ms]
     after
@@ -313,13 +318,16 @@ run_tsnet(C, R, Ctx) ->
             {0, Lines} ->
                 {ok, J} = tailscale_json:decode(list_to_binary(lists:last(Lines))),
                 {os_pid, HelperPid} = erlang:port_info(element(1, hd(Helpers)), os_pid),
+                Busy = rss_mb(HelperPid),
+                timer:sleep(maps:get(rest, Ctx)),
                 Ms = [{boot_ms, B} || B <- Boots]
                     ++ [{setup_ms, maps:get(<<"setup_us">>, J) / 1000},
                         {rtt_median_us, float(maps:get(<<"rtt_median_us">>, J))},
                         {rtt_p99_us, float(maps:get(<<"rtt_p99_us">>, J))},
                         {msg64_per_s, float(maps:get(<<"msg64_per_s">>, J))},
                         {mib_mb_s, float(maps:get(<<"mib_mb_s">>, J))},
-                        {helper_rss_mb, rss_mb(HelperPid)}],
+                        {helper_rss_mb, Busy},
+                        {helper_rss_rest_mb, rss_mb(HelperPid)}],
                 report(maps:get(id, C), Ms),
                 [sample(C, R, M, V) || {M, V} <- Ms];
             {Status, Lines} ->

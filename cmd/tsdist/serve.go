@@ -111,6 +111,7 @@ func runServe(args []string) error {
 	if *exitWithStdin {
 		go stopOnStdinClose(stop, say)
 	}
+	go releaseMemory(ctx)
 
 	srv := control.NewServer(node, version, say)
 	srv.SetPolicy(policy)
