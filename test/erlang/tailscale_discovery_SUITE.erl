@@ -40,6 +40,10 @@ candidates_filter(Config) ->
             [maps:get(<<"node">>, M) || M <- peer:call(P, tailscale_discovery, matching, [Peers, Opts])]
         end,
         ?assertEqual([<<"disca">>, <<"discc">>], Matching([{hostname_pattern, "^disc"}])),
+        %% A node the tailnet renamed (a stale one held its name) still
+        %% matches by the hostname it asked for.
+        Renamed = #{<<"node">> => <<"x-1">>, <<"hostname">> => <<"discr">>, <<"online">> => true, <<"tags">> => []},
+        ?assertMatch([_], peer:call(P, tailscale_discovery, matching, [[Renamed], [{hostname_pattern, "^disc"}]])),
         ?assertEqual([<<"disca">>, <<"discb">>, <<"discc">>],
                      Matching([{hostname_pattern, "^disc"}, {online_only, false}])),
         ?assertEqual([<<"disca">>, <<"other">>], Matching([{tags, ["tag:erlang"]}])),
