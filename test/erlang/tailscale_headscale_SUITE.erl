@@ -19,8 +19,9 @@
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1]).
 -export([tagged_nodes_join/1, discovery_forms_cluster/1, ping_and_rpc_both_ways/1,
          first_dial_after_join/1, untagged_node_refused/1, status_and_names/1,
-         interactive_login_with_tags/1, killed_node_successor/1,
-         persistent_node_restarts/1, tailnet_acl_keeps_outsider_out/1]).
+         interactive_login_with_tags/1, key_with_advertised_tags_refused/1,
+         killed_node_successor/1, persistent_node_restarts/1,
+         tailnet_acl_keeps_outsider_out/1]).
 
 -define(TAG, "tag:erlang").
 -define(DISCOVERY, "[{tags, [\"tag:erlang\"]}, {rescan_ms, 1000}]").
@@ -46,20 +47,22 @@ suite() ->
 all() ->
     [tagged_nodes_join, discovery_forms_cluster, ping_and_rpc_both_ways, first_dial_after_join,
      untagged_node_refused, status_and_names, interactive_login_with_tags,
-     killed_node_successor, persistent_node_restarts, tailnet_acl_keeps_outsider_out].
+     key_with_advertised_tags_refused, killed_node_successor, persistent_node_restarts, tailnet_acl_keeps_outsider_out].
 
 init_per_suite(Config) ->
     Config1 = tsdist_ct:start_headscale(Config, ["cluster", "outsider"], ?OPEN_POLICY),
     Users = tsdist_ct:headscale_json(Config1, ["users", "list"]),
-    [OutsiderId] = [integer_to_list(maps:get(<<"id">>, U)) || U <- Users,
-                                                              maps:get(<<"name">>, U) =:= <<"outsider">>],
+    Id = fun(Name) ->
+        hd([integer_to_list(maps:get(<<"id">>, U)) || U <- Users, maps:get(<<"name">>, U) =:= Name])
+    end,
     Key = fun(Args) ->
         binary_to_list(maps:get(<<"key">>, tsdist_ct:headscale_json(Config1, ["preauthkeys", "create",
                                                                             "--reusable" | Args])))
     end,
     [{keys, #{tagged_ephemeral => Key(["--ephemeral", "--tags", ?TAG]),
               tagged => Key(["--tags", ?TAG]),
-              outsider => Key(["--ephemeral", "--user", OutsiderId])}} | Config1].
+              cluster => Key(["--ephemeral", "--user", Id(<<"cluster">>)]),
+              outsider => Key(["--ephemeral", "--user", Id(<<"outsider">>)])}} | Config1].
 
 end_per_suite(Config) ->
     [catch peer:stop(P) || P <- persistent_term:get({?MODULE, peers}, [])],
@@ -198,6 +201,23 @@ interactive_login_with_tags(Config) ->
     after
         peer:stop(D)
     end.
+
+%% Headscale gives a node joining with a pre-auth key the key's tags and
+%% refuses tags the node advertises on top (TS_TAGS), even ones the key's
+%% user owns: the helper stops at once, saying why.
+key_with_advertised_tags_refused(Config) ->
+    RunDir = ?config(run_dir, Config),
+    Port = open_port({spawn_executable, ?config(helper, Config)},
+                     [{args, ["serve", "--hostname", "tagkey", "--control-url", ?config(control_url, Config),
+                              "--authkey", key(Config, cluster), "--tags", ?TAG, "--ephemeral",
+                              "--state-dir", filename:join([RunDir, "state", "tagkey"]),
+                              "--socket", filename:join(RunDir, "tagkey.sock"), "--exit-with-stdin"]},
+                      exit_status, use_stdio, stderr_to_stdout, {line, 4096}]),
+    {Status, Lines} = tsdist_ct:collect_port(Port, [], 20000),
+    ct:log("tsdist serve said (exit ~p):~n~s", [Status, lists:join("
+", Lines)]),
+    ?assertEqual(1, Status),
+    ?assertMatch([_], [L || L <- Lines, string:find(L, "[tag:erlang] are invalid or not permitted") =/= nomatch]).
 
 %% A member killed outright (BEAM and helper, kill -9: no logout) lingers
 %% on the tailnet, so the node that replaces it gets the MagicDNS name
