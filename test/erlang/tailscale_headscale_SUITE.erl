@@ -8,9 +8,10 @@
 %%% The cluster's nodes carry tag:erlang, admit only tag:erlang
 %%% (TSDIST_ALLOW) and find each other by discovery ({tags, ["tag:erlang"]}).
 %%%
-%%% The cluster's members are in the suite's `members' (see member/1): BEAM
-%%% nodes now; a Go (ergo) node joins the same way, with the same key and
-%%% tags, and the cluster cases check every member.
+%%% The cluster's members are in the suite's `members' (see members/0 and
+%%% start_member/3): BEAM nodes now; a Go (ergo) node joins the same way,
+%%% with the same key and tags (see tagged_nodes_join), and the cluster
+%%% cases check every member.
 -module(tailscale_headscale_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
@@ -47,7 +48,8 @@ suite() ->
 all() ->
     [tagged_nodes_join, discovery_forms_cluster, ping_and_rpc_both_ways, first_dial_after_join,
      untagged_node_refused, status_and_names, interactive_login_with_tags,
-     key_with_advertised_tags_refused, killed_node_successor, persistent_node_restarts, tailnet_acl_keeps_outsider_out].
+     key_with_advertised_tags_refused, killed_node_successor, persistent_node_restarts,
+     tailnet_acl_keeps_outsider_out].
 
 init_per_suite(Config) ->
     Config1 = tsdist_ct:start_headscale(Config, ["cluster", "outsider"], ?OPEN_POLICY),
