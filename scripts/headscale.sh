@@ -44,7 +44,7 @@ build() {
 	local start=$SECONDS src
 	# GOFLAGS from the caller (the Makefile's build tags) are not Headscale's.
 	src=$(cd "$dir" && GOFLAGS= go mod download -json "$module@$version" |
-		sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+		sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p') || true
 	[ -n "$src" ] && [ -f "$src/go.mod" ] || { say "go mod download $module@$version found no source"; exit 1; }
 	(cd "$src" && GOFLAGS=-buildvcs=false go build -trimpath -o "$bin.tmp" ./cmd/headscale) || { say "building Headscale failed"; rm -f "$bin.tmp"; exit 1; }
 	mv "$bin.tmp" "$bin"
