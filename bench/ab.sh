@@ -26,8 +26,9 @@ else
 	if [ "$erlang" = --erlang ]; then
 		(cd "$tree" && rebar3 compile >/dev/null)
 	else
-		mkdir -p "$tree/_build/default/lib/tsdist"
-		ln -s "$PWD/_build/default/lib/tsdist/ebin" "$tree/_build/default/lib/tsdist/ebin"
+		# this tree's OTP code, with its priv (the NIF)
+		mkdir -p "$tree/_build/default/lib"
+		ln -s "$PWD/_build/default/lib/tsdist" "$tree/_build/default/lib/tsdist"
 	fi
 fi
 BENCH_VARIANT="$label=$tree" BENCH_OUT="$out" BENCH_DOC="$out/AB.md" \
