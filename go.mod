@@ -11,7 +11,10 @@ require (
 	tailscale.com v1.102.5
 )
 
-require gvisor.dev/gvisor v0.0.0-20260224225140-573d5e7127a8
+require (
+	github.com/ergo-services/ergo v1.999.224
+	gvisor.dev/gvisor v0.0.0-20260224225140-573d5e7127a8
+)
 
 require (
 	filippo.io/edwards25519 v1.2.0 // indirect

@@ -6,8 +6,6 @@ import (
 	"fmt"
 	"log"
 	"net"
-	"net/netip"
-	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -51,7 +49,7 @@ func runServe(args []string) error {
 	if err != nil {
 		return usageError{err}
 	}
-	if *localOnly || isLoopbackURL(*controlURL) {
+	if *localOnly || carrier.IsLoopbackURL(*controlURL) {
 		carrier.KeepToLoopback()
 	}
 	if *stateDir == "" {
@@ -202,20 +200,6 @@ func closeNode(node *carrier.Node, say func(string, ...any)) {
 	case <-time.After(nodeCloseTime):
 		say("the tailnet node did not close within %v; exiting anyway", nodeCloseTime)
 	}
-}
-
-// isLoopbackURL reports whether a control URL names a loopback host, as the
-// offline tailnet's does.
-func isLoopbackURL(raw string) bool {
-	u, err := url.Parse(raw)
-	if err != nil || u.Hostname() == "" {
-		return false
-	}
-	if u.Hostname() == "localhost" {
-		return true
-	}
-	ip, err := netip.ParseAddr(u.Hostname())
-	return err == nil && ip.IsLoopback()
 }
 
 // listenControl creates the control socket at path: in a directory only

@@ -1,0 +1,307 @@
+// Package ergonode runs a Go node of an Erlang cluster, built on ergo
+// (github.com/ergo-services/ergo v1.999.224), as its own device on a
+// tailnet: the same cluster, by hostname, as BEAM nodes using tsdist.
+//
+// The Go program embeds its own tailnet node (tsnet, through package
+// carrier; no helper process), answers EPMD on its tailnet address for its
+// own name, resolves peers through the tailnet EPMD of their hosts, and
+// accepts and dials distribution connections over the tailnet, admitting
+// only the peers its access policy allows (package access, default
+// "owner").
+//
+// # How connections reach ergo
+//
+// ergo has no listener or dialer hook: node/network.go calls
+// net.ListenConfig and net.Dialer itself. What it does let a program swap
+// is the Registrar, the Handshake and the Proto, and every byte of a
+// connection passes through the latter two. So ergo's own sockets stay on
+// loopback and carry nothing: they only set ergo's connection machinery
+// going. The bytes go over the tailnet connection, which the Handshake
+// and Proto of this package put in place of ergo's loopback socket:
+//
+//   - Accepting: a tailnet connection the access policy admits makes the
+//     adapter dial ergo's loopback listener; ergo's accept path then calls
+//     the adapter's Handshake, which takes the tailnet connection waiting
+//     for that loopback address and runs ergo's handshake over it.
+//     A loopback connection that no tailnet connection is waiting for is
+//     refused before a byte is read, so a local process cannot reach the
+//     node around the tailnet's identity check (and it would still need the
+//     cookie).
+//   - Dialing: the Registrar resolves a peer on its host's tailnet EPMD and
+//     returns a route to a loopback listener of the adapter's, whose
+//     Handshake dials the tailnet.
+//
+// Each tailnet connection lives exactly as long as ergo's loopback socket:
+// when ergo closes its end, the adapter sees end-of-file on the other and
+// closes the tailnet connection.
+//
+// # What this repairs in ergo
+//
+// ergo v1.999.224 cannot talk to OTP 26 or later, and answers net_adm:ping
+// with pang. Without forking it, the adapter
+//   - adds DFLAG_UNLINK_ID to the flags ergo advertises (handshakeConn),
+//   - translates UNLINK_ID and UNLINK_ID_ACK, which ergo does not know, and
+//     the old UNLINK ergo sends, which OTP 27 rejects (repairConn),
+//   - puts back the words of five-word references (process aliases) that
+//     ergo cuts to three, without which replies to gen_server:call from
+//     OTP 26+ are lost (repairConn, longRefs),
+//   - registers a net_kernel that answers is_auth with yes.
+package ergonode
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log"
+	"net"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ergo-services/ergo"
+	"github.com/ergo-services/ergo/node"
+	"github.com/ergo-services/ergo/proto/dist"
+	"github.com/tsdist/tsdist/access"
+	"github.com/tsdist/tsdist/carrier"
+	"github.com/tsdist/tsdist/epmd"
+	"tailscale.com/types/logger"
+)
+
+// Options configures a Go node on a tailnet. Only Tailnet.Dir (or
+// Tailnet.Ephemeral) is required.
+type Options struct {
+	// Tailnet is the node's own tailnet device: control URL, auth key,
+	// state directory, tags. Hostname defaults to the host part of the
+	// node name ("delta" for "demo@delta" or "demo@delta.example.ts.net").
+	// When the control URL is on loopback (the offline tailnet), every
+	// packet is kept on loopback (carrier.KeepToLoopback).
+	Tailnet carrier.Config
+	// Allow is the access policy for peers connecting to this node and
+	// its EPMD (see package access). Empty means access.Default, "owner".
+	Allow string
+	// Port is the tailnet port for distribution connections. Zero picks
+	// a free one; peers learn it from this node's tailnet EPMD.
+	Port uint16
+	// Ergo is passed to ergo, with the adapter's Listeners, Registrar,
+	// Handshake and Proto put in; those four and StaticRoutesOnly must be
+	// left zero. Applications, Env, Flags, Creation and the rest are
+	// ergo's, as documented there.
+	Ergo node.Options
+	// ProtoOptions tunes ergo's distribution protocol handler. The zero
+	// value means node.DefaultProtoOptions().
+	ProtoOptions node.ProtoOptions
+	// Logf receives the adapter's log lines: refused peers, repairs that
+	// could not be made. Nil means the standard logger.
+	Logf logger.Logf
+}
+
+// resolveTimeout bounds one EPMD lookup of a peer over the tailnet.
+const resolveTimeout = 10 * time.Second
+
+// Node is an ergo node on a tailnet. Its embedded node.Node is the ergo
+// node itself: spawn processes, send, link and monitor with it as usual.
+type Node struct {
+	node.Node
+
+	name    string
+	tailnet *carrier.Node
+	gate    *access.Gate
+	logf    logger.Logf
+	refs    *longRefs
+	bridge  *bridge
+	port    uint16 // the tailnet distribution port
+
+	registry *epmd.Registry
+	epmdSrv  *epmd.Server
+	epmdCli  epmd.Client
+	reg      *epmd.Registration
+	distLn   net.Listener
+	epmdLn   net.Listener
+
+	ctx      context.Context
+	cancel   context.CancelFunc
+	wg       sync.WaitGroup
+	stopOnce sync.Once
+}
+
+// Start brings up the tailnet device, then the ergo node named name (for
+// example "demo@delta") with the given cookie, and publishes the name on
+// the device's tailnet EPMD once the node can answer. ctx bounds the start
+// (joining the tailnet included); the node runs until Stop.
+func Start(ctx context.Context, name, cookie string, opts Options) (_ *Node, err error) {
+	alive, host, ok := strings.Cut(name, "@")
+	if !ok || host == "" {
+		return nil, fmt.Errorf("ergonode: node name %q must look like name@host", name)
+	}
+	if err := epmd.ValidName(alive); err != nil {
+		return nil, fmt.Errorf("ergonode: node name %q: %w", name, err)
+	}
+	o := opts.Ergo
+	if o.Listeners != nil || o.Registrar != nil || o.Handshake != nil || o.Proto != nil || o.StaticRoutesOnly {
+		return nil, errors.New("ergonode: Options.Ergo must leave Listeners, Registrar, Handshake, Proto and StaticRoutesOnly to the adapter")
+	}
+	policy, err := access.Parse(opts.Allow)
+	if err != nil {
+		return nil, fmt.Errorf("ergonode: %w", err)
+	}
+	cfg := opts.Tailnet
+	if cfg.Hostname == "" {
+		cfg.Hostname, _, _ = strings.Cut(host, ".")
+	}
+	if carrier.IsLoopbackURL(cfg.ControlURL) {
+		carrier.KeepToLoopback()
+	}
+	logf := opts.Logf
+	if logf == nil {
+		logf = log.Printf
+	}
+
+	tn, err := carrier.New(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("ergonode: %w", err)
+	}
+	nctx, cancel := context.WithCancel(context.Background())
+	n := &Node{
+		name: name, tailnet: tn, logf: logf, refs: newLongRefs(),
+		gate: access.NewGate(tn, logf), registry: epmd.NewRegistry(),
+		ctx: nctx, cancel: cancel,
+	}
+	n.epmdCli.Dial = tn.DialAddr
+	n.gate.SetPolicy(policy)
+	defer func() {
+		if err != nil {
+			n.Stop()
+		}
+	}()
+	if err := tn.Up(ctx); err != nil {
+		return nil, fmt.Errorf("ergonode: joining the tailnet: %w", err)
+	}
+	if n.epmdLn, err = tn.Listen(epmd.DefaultPort); err != nil {
+		return nil, fmt.Errorf("ergonode: EPMD on the tailnet: %w", err)
+	}
+	n.epmdSrv = &epmd.Server{Registry: n.registry, Logf: logger.RateLimitedFn(logf, time.Minute, 20, 100)}
+	n.wg.Go(func() { n.epmdSrv.Serve(n.gate.Guard(nctx, n.epmdLn, "EPMD")) })
+	if n.distLn, err = tn.Listen(opts.Port); err != nil {
+		return nil, fmt.Errorf("ergonode: distribution listener on the tailnet: %w", err)
+	}
+	ap, err := portOf(n.distLn.Addr())
+	if err != nil {
+		return nil, err
+	}
+	n.port = ap
+	if n.bridge, err = newBridge(n); err != nil {
+		return nil, err
+	}
+
+	protoOpts := opts.ProtoOptions
+	if protoOpts == (node.ProtoOptions{}) {
+		protoOpts = node.DefaultProtoOptions()
+	}
+	inner := dist.CreateHandshake(dist.HandshakeOptions{Version: dist.HandshakeVersion6})
+	o.Handshake = &listenHandshake{inner: inner, b: n.bridge}
+	o.Proto = &tailnetProto{inner: dist.CreateProto(protoOpts), b: n.bridge}
+	o.Registrar = &registrar{n: n, handshake: inner}
+	o.Listeners = []node.Listener{{Hostname: "127.0.0.1"}}
+	en, err := ergo.StartNodeWithContext(nctx, name, cookie, o)
+	if err != nil {
+		return nil, fmt.Errorf("ergonode: starting the ergo node: %w", err)
+	}
+	n.Node = en
+	if err := replaceNetKernel(en); err != nil {
+		return nil, err
+	}
+	n.wg.Go(func() { n.acceptLoop() })
+	n.reg, err = n.registry.Register(epmd.Node{
+		Name: alive, Port: n.port, Type: epmd.NodeTypeNormal, Protocol: epmd.ProtocolTCP,
+		HighestVersion: 6, LowestVersion: 5,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("ergonode: registering %q on the tailnet EPMD: %w", alive, err)
+	}
+	return n, nil
+}
+
+// Stop stops the ergo node, withdraws its name from the tailnet EPMD,
+// closes every connection and leaves the tailnet. It returns once all of
+// the adapter's goroutines have ended.
+func (n *Node) Stop() {
+	n.stopOnce.Do(func() {
+		if n.reg != nil {
+			n.reg.Close()
+		}
+		if n.distLn != nil {
+			n.distLn.Close()
+		}
+		if n.Node != nil {
+			n.Node.Stop()
+			n.Node.Wait()
+		}
+		n.cancel()
+		if n.bridge != nil {
+			n.bridge.close()
+		}
+		if n.epmdSrv != nil {
+			n.epmdSrv.Close()
+		}
+		if n.epmdLn != nil {
+			n.epmdLn.Close()
+		}
+		n.tailnet.Close()
+		n.wg.Wait()
+	})
+}
+
+// Tailnet returns the node's tailnet device, for status and identity
+// lookups.
+func (n *Node) Tailnet() *carrier.Node { return n.tailnet }
+
+// TailnetPort returns the tailnet port the node accepts distribution
+// connections on.
+func (n *Node) TailnetPort() uint16 { return n.port }
+
+// SetPolicy replaces the access policy for connections accepted from now
+// on (see package access).
+func (n *Node) SetPolicy(p access.Policy) { n.gate.SetPolicy(p) }
+
+// Identity returns the tailnet identity of the connected node peer (for
+// example "app@alpha"): its tailnet device, owner and tags, as the
+// tailnet's control server vouches for them. ok is false when no
+// connection to peer is up.
+func (n *Node) Identity(peer string) (id carrier.Identity, ok bool) {
+	return n.bridge.identity(peer)
+}
+
+// acceptLoop admits tailnet connections and hands them to ergo.
+func (n *Node) acceptLoop() {
+	for {
+		conn, err := n.distLn.Accept()
+		if err != nil {
+			return
+		}
+		n.wg.Go(func() {
+			peer, err := n.gate.Admit(n.ctx, conn, fmt.Sprintf("distribution port %d", n.port))
+			if err != nil {
+				conn.Close()
+				return
+			}
+			if err := n.bridge.accept(conn, peer); err != nil {
+				n.logf("ergonode: connection from %s (%s) not handed to ergo: %v", peer.Node, peer.Addr, err)
+				conn.Close()
+			}
+		})
+	}
+}
+
+// portOf returns the port of a listener's address.
+func portOf(a net.Addr) (uint16, error) {
+	_, port, err := net.SplitHostPort(a.String())
+	if err != nil {
+		return 0, fmt.Errorf("ergonode: listener address %v: %w", a, err)
+	}
+	p, err := strconv.ParseUint(port, 10, 16)
+	if err != nil {
+		return 0, fmt.Errorf("ergonode: listener address %v: %w", a, err)
+	}
+	return uint16(p), nil
+}
