@@ -29,6 +29,7 @@ build-go:
 	$(GO) build -o bin/tsdist ./cmd/tsdist
 	$(GO) build -o bin/echo ./demo/echo
 	$(GO) build -o bin/ergoprobe ./test/ergoprobe
+	$(GO) build -o bin/ergo-greeter ./examples/ergo-greeter
 
 # The OTP side: erlang_src/ (rebar3, which runs `make nif` first).
 build-erlang:

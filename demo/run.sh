@@ -2,10 +2,11 @@
 # The tsdist demo: an offline tailnet on loopback, two tsdist helpers (alpha
 # and beta) on it, and a client that listens through alpha and dials alpha by
 # name through beta, echoing through a connection it holds as a plain file
-# descriptor. Then a BEAM cluster on the same tailnet: Erlang nodes app@alpha
-# and app@beta (attached to those helpers) and an Elixir node ex@gamma (which
-# starts its own helper) find each other by hostname. Everything it starts
-# is stopped by PID when it ends.
+# descriptor. Then a cluster on the same tailnet: Erlang nodes app@alpha and
+# app@beta (attached to those helpers), a Go node greeter@delta (ergo, its
+# own tailnet device: examples/ergo-greeter) and an Elixir node ex@gamma
+# (which starts its own helper) find each other by hostname. Everything it
+# starts is stopped by PID when it ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-bin}
@@ -66,6 +67,11 @@ done
 for host in alpha beta; do
 	wait_for "app@$host to register on $host's tailnet EPMD" sh -c "'$BIN/tsdist' names $host --socket '$work/$host.sock' | grep -q 'name app '"
 done
+echo "== starting Go node greeter@delta (ergo, its own tailnet device; examples/ergo-greeter)"
+"$BIN/ergo-greeter" -name greeter@delta -cookie tsdist-demo -control-url "$url" -ephemeral \
+	>"$work/delta.log" 2>&1 &
+pids+=($!)
+wait_for "greeter@delta to join the tailnet" grep -q "is up" "$work/delta.log"
 echo "== Elixir node ex@gamma (its own helper) joins and finds them by hostname"
 mkdir -p "$work/run"
 XDG_RUNTIME_DIR="$work/run" TSDIST_HELPER="$PWD/$BIN/tsdist" TS_CONTROL_URL="$url" TS_STATE_DIR="$work/gamma" \

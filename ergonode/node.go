@@ -54,6 +54,7 @@ import (
 	"fmt"
 	"log"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -68,8 +69,9 @@ import (
 	"tailscale.com/types/logger"
 )
 
-// Options configures a Go node on a tailnet. Only Tailnet.Dir (or
-// Tailnet.Ephemeral) is required.
+// Options configures a Go node on a tailnet. Only Tailnet.Dir is
+// required, and not even that for an ephemeral node (Tailnet.Ephemeral),
+// which then keeps its state in a temporary directory removed by Stop.
 type Options struct {
 	// Tailnet is the node's own tailnet device: control URL, auth key,
 	// state directory, tags. Hostname defaults to the host part of the
@@ -119,6 +121,8 @@ type Node struct {
 	distLn   net.Listener
 	epmdLn   net.Listener
 
+	tempDir string // an ephemeral node's state directory, removed by Stop
+
 	ctx      context.Context
 	cancel   context.CancelFunc
 	wg       sync.WaitGroup
@@ -149,6 +153,13 @@ func Start(ctx context.Context, name, cookie string, opts Options) (_ *Node, err
 	if cfg.Hostname == "" {
 		cfg.Hostname, _, _ = strings.Cut(host, ".")
 	}
+	var tempDir string
+	if cfg.Dir == "" && cfg.Ephemeral {
+		if tempDir, err = os.MkdirTemp("", "ergonode-"+cfg.Hostname+"-"); err != nil {
+			return nil, fmt.Errorf("ergonode: state directory: %w", err)
+		}
+		cfg.Dir = tempDir
+	}
 	if carrier.IsLoopbackURL(cfg.ControlURL) {
 		carrier.KeepToLoopback()
 	}
@@ -159,13 +170,16 @@ func Start(ctx context.Context, name, cookie string, opts Options) (_ *Node, err
 
 	tn, err := carrier.New(cfg)
 	if err != nil {
+		if tempDir != "" {
+			os.RemoveAll(tempDir)
+		}
 		return nil, fmt.Errorf("ergonode: %w", err)
 	}
 	nctx, cancel := context.WithCancel(context.Background())
 	n := &Node{
 		name: name, tailnet: tn, logf: logf, refs: newLongRefs(),
 		gate: access.NewGate(tn, logf), registry: epmd.NewRegistry(),
-		ctx: nctx, cancel: cancel,
+		ctx: nctx, cancel: cancel, tempDir: tempDir,
 	}
 	n.epmdCli.Dial = tn.DialAddr
 	n.gate.SetPolicy(policy)
@@ -249,6 +263,9 @@ func (n *Node) Stop() {
 		}
 		n.tailnet.Close()
 		n.wg.Wait()
+		if n.tempDir != "" {
+			os.RemoveAll(n.tempDir)
+		}
 	})
 }
 
