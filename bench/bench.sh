@@ -8,11 +8,12 @@
 #   BENCH_QUICK=1 bash bench/bench.sh   # the smoke run `make test` does:
 #                                  # 1 repeat, tiny counts, a mesh of 2; no doc
 #
-# Environment: BENCH_REPEATS, BENCH_MESH (e.g. 2,4,8), BENCH_CARRIERS
+# Environment: BENCH_REPEATS, BENCH_MESH (e.g. 2,4,8; none), BENCH_CARRIERS
 # (tcp,tls,tailscale,tsnet,ergo), BENCH_VARIANT=LABEL=DIR (tailscale_dist and
 # raw tsnet once more with another tree's helper and OTP code: bench/ab.sh),
 # BENCH_OUT (results; default bench/out), BENCH_DOC (default
-# docs/BENCHMARKS.md; empty: no doc). Needs `make build` first (the make
+# docs/BENCHMARKS.md; empty: no doc), BENCH_ERL_FLAGS (extra emulator flags
+# for every node). Needs `make build` first (the make
 # target does it). Everything it starts (the offline tailnet, helpers, BEAM
 # nodes) it stops, and its temporary directory goes with it.
 set -euo pipefail
@@ -48,5 +49,6 @@ if [ -n "$doc" ]; then
 		erl -noshell -pa _build/bench -pa _build/default/lib/tsdist/ebin \
 		-eval "bench_report:main(\"$out\", \"$doc\", \"bench/NOTES.md\")"
 	gnuplot "$out/plot.gp"
-	echo "bench: wrote $doc and $(dirname "$doc")/benchmarks.png"
+	cp "$out/results.tsv" "$(dirname "$doc")/benchmarks-results.tsv" # every sample behind the table
+	echo "bench: wrote $doc, $(dirname "$doc")/benchmarks.png and benchmarks-results.tsv"
 fi

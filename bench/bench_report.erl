@@ -166,7 +166,7 @@ plot(Out, Png, Carriers, Stats) ->
            || {I, L, Mib, Rtt} <- Rows],
     ok = file:write_file(filename:join(Out, "plot.dat"), Dat),
     Script = io_lib:format(
-               "set terminal pngcairo size 1200,520 font 'sans,10'\n"
+               "set terminal pngcairo size 1200,520 font 'sans,10' noenhanced\n"
                "set output '~s'\n"
                "set datafile missing '?'\n"
                "set style fill solid 0.6 border -1\n"
@@ -176,9 +176,13 @@ plot(Out, Png, Carriers, Stats) ->
                "set yrange [0:*]\n"
                "set key off\n"
                "set multiplot layout 1,2 title 'tsdist benchmarks: median, bars from min to max over the repeats'\n"
-               "set title '1 MiB messages, MB/s (higher is better)'\n"
+               "set title '1 MiB messages, MB/s, log scale (higher is better)'\n"
+               "set logscale y\n"
+               "set yrange [10:*]\n"
                "plot '~s' using 1:3:xtic(2) with boxes lc rgb '#4477aa', '' using 1:3:4:5 with yerrorbars lc rgb 'black' pt -1\n"
                "set title 'ping round trip, median, µs (lower is better)'\n"
+               "unset logscale y\n"
+               "set yrange [0:*]\n"
                "plot '~s' using 1:6:xtic(2) with boxes lc rgb '#cc6677', '' using 1:6:7:8 with yerrorbars lc rgb 'black' pt -1\n"
                "unset multiplot\n",
                [Png, filename:join(Out, "plot.dat"), filename:join(Out, "plot.dat")]),

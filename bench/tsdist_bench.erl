@@ -267,7 +267,9 @@ boot(#{base := "tailscale"} = C, Tag, Ctx) ->
             "-kernel", "logger_level", "warning"],
     start_peer(C, Tag, #{name => app, host => Tag, args => Args, env => Env}).
 
-start_peer(_C, Tag, Opts) ->
+start_peer(_C, Tag, Opts0) ->
+    %% BENCH_ERL_FLAGS: extra emulator flags for every node of the run
+    Opts = Opts0#{args => maps:get(args, Opts0) ++ string:lexemes(env("BENCH_ERL_FLAGS", ""), " ")},
     T0 = erlang:monotonic_time(microsecond),
     case peer:start_link(Opts#{connection => standard_io, wait_boot => 90000}) of
         {ok, P, Node} ->
