@@ -501,7 +501,9 @@ func (c *repairConn) drainFrames(out []byte) ([]byte, error) {
 			out = append(out, c.wbuf[:n]...)
 			c.streamLeft = 4 + size - n
 			c.wbuf = c.wbuf[n:]
-			return out, nil
+			// Whole frames may follow a long frame that ended in this
+			// write; when it did not end, wbuf is empty and the loop ends.
+			continue
 		}
 		if len(c.wbuf) < 4+size {
 			break
