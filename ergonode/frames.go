@@ -35,6 +35,13 @@ const (
 	// direction tracks; past it the oldest is no longer inspected.
 	maxOpenFragmented = 256
 	readChunk         = 64 << 10
+	// ergoDirectWrite is the size above which ergo's linkFlusher writes a
+	// packet directly rather than through its buffer.
+	ergoDirectWrite = 64000
+	// FragmentationUnit is the fragment size the adapter gives ergo by
+	// default: small enough that every packet ergo sends goes through its
+	// buffer (ergoDirectWrite), which keeps messages in order.
+	FragmentationUnit = 48000
 )
 
 // repairConn is a distribution connection between ergo and an OTP node,
@@ -328,6 +335,9 @@ func controlOp(b []byte, versioned bool) (int, error) {
 // termLen is the encoded length of the (small, flat) term at the start of
 // b: an integer or a pid.
 func termLen(b []byte, atoms []string) (int, error) {
+	if len(b) == 0 {
+		return 0, errors.New("unlink message ends before its last element")
+	}
 	w := &termWalker{atoms: atoms, pending: []int{1}}
 	n, children, err := w.header(b)
 	if err != nil {
@@ -438,6 +448,25 @@ func (c *repairConn) Write(p []byte) (int, error) {
 	}
 	written := len(p)
 	var out []byte
+	if len(p) > ergoDirectWrite && c.streamLeft == 0 && len(c.wbuf) > 0 {
+		// ergo's linkFlusher writes a packet over 64,000 bytes straight to
+		// the connection, past its buffer, which may have sent the first
+		// part of another packet and hold the rest. Such a write is whole
+		// packets: repaired on its own, it goes out now, between packets,
+		// and the partial one waits for its rest.
+		partial := c.wbuf
+		c.wbuf = append([]byte(nil), p...)
+		var err error
+		if out, err = c.drainFrames(out); err != nil {
+			c.werr = err
+			return 0, err
+		}
+		if len(c.wbuf) > 0 || c.streamLeft > 0 {
+			c.werr = errors.New("ergonode: ergo wrote a long packet that did not end at a packet boundary")
+			return 0, c.werr
+		}
+		c.wbuf, p = partial, nil
+	}
 	for len(p) > 0 {
 		if c.streamLeft > 0 {
 			n := min(c.streamLeft, len(p))

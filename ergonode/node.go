@@ -91,7 +91,8 @@ type Options struct {
 	// ergo's, as documented there.
 	Ergo node.Options
 	// ProtoOptions tunes ergo's distribution protocol handler. The zero
-	// value means node.DefaultProtoOptions().
+	// value means node.DefaultProtoOptions(), except that FragmentationUnit
+	// is at most the package's FragmentationUnit (see there).
 	ProtoOptions node.ProtoOptions
 	// Logf receives the adapter's log lines: refused peers, repairs that
 	// could not be made. Nil means the standard logger.
@@ -211,6 +212,12 @@ func Start(ctx context.Context, name, cookie string, opts Options) (_ *Node, err
 	protoOpts := opts.ProtoOptions
 	if protoOpts == (node.ProtoOptions{}) {
 		protoOpts = node.DefaultProtoOptions()
+	}
+	if protoOpts.FragmentationUnit <= 0 || protoOpts.FragmentationUnit > FragmentationUnit {
+		// ergo writes a packet over 64,000 bytes past its write buffer, so
+		// it overtakes the messages buffered before it; with fragments of
+		// at most FragmentationUnit bytes no packet is that long.
+		protoOpts.FragmentationUnit = FragmentationUnit
 	}
 	inner := dist.CreateHandshake(dist.HandshakeOptions{Version: dist.HandshakeVersion6})
 	o.Handshake = &listenHandshake{inner: inner, b: n.bridge}

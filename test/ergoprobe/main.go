@@ -52,6 +52,7 @@ func main() {
 			ControlURL: os.Getenv("TS_CONTROL_URL"),
 			AuthKey:    os.Getenv("TS_AUTHKEY"),
 			Dir:        stateDir,
+			Ephemeral:  os.Getenv("TS_EPHEMERAL") == "1" || os.Getenv("TS_EPHEMERAL") == "true",
 		},
 		Allow: *allow,
 		Logf:  func(format string, a ...any) { log.Printf(format, a...) },

@@ -12,7 +12,7 @@
 -include_lib("stdlib/include/assert.hrl").
 
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1]).
--export([ping_both_ways/1, calls_both_ways/1, big_messages/1, many_calls/1,
+-export([ping_both_ways/1, calls_both_ways/1, big_messages/1, many_calls/1, under_load/1,
          links_and_monitors/1, unlink_and_relink/1, one_cluster/1, identity/1,
          refused_by_policy/1, stop_and_rejoin/1]).
 %% run on the nodes under test
@@ -24,12 +24,12 @@ suite() ->
     [{timetrap, {minutes, 3}}].
 
 all() ->
-    [ping_both_ways, calls_both_ways, big_messages, many_calls, links_and_monitors,
+    [ping_both_ways, calls_both_ways, big_messages, many_calls, under_load, links_and_monitors,
      unlink_and_relink, one_cluster, identity, refused_by_policy, stop_and_rejoin].
 
 init_per_suite(Config) ->
     Config1 = tsdist_ct:start_tailnet(Config),
-    Probe = start_probe(Config1, "probe@delta", []),
+    Probe = tsdist_ct:start_ergo_node(Config1, "probe@delta", []),
     A = tsdist_ct:start_node(Config1, app, "alpha"),
     B = tsdist_ct:start_node(Config1, app, "beta"),
     ct:log("OTP ~s", [peer:call(element(1, A), erlang, system_info, [otp_release])]),
@@ -38,7 +38,7 @@ init_per_suite(Config) ->
 end_per_suite(Config) ->
     [peer:stop(P) || {P, _} <- [?config(a, Config), ?config(b, Config)]],
     Probe = ?config(probe, Config),
-    is_process_alive(Probe) andalso stop_probe(Probe), % stop_and_rejoin stops it
+    is_process_alive(Probe) andalso tsdist_ct:stop_ergo_node(Probe), % stop_and_rejoin stops it
     tsdist_ct:stop_tailnet(Config).
 
 %% net_adm:ping from Erlang, and the same question ({is_auth, Node} to
@@ -102,6 +102,35 @@ many_calls(Config) ->
     ?assertEqual({ok, N}, Result),
     ct:log("~b calls Erlang -> Go in ~b ms, ~b calls Go -> Erlang in ~b ms",
            [N, Us div 1000, N, Us2 div 1000]).
+
+%% Under load: 20 processes call the Go node at once, 100 calls each with
+%% payloads of up to 128 KiB (the larger ones fragmented, so the repair
+%% layer walks fragments of interleaved messages), while the Go node calls
+%% back 2,000 times; every reply is checked.
+under_load(Config) ->
+    {A, _} = ?config(a, Config),
+    start_echo(A),
+    {Us, Result} = timer:tc(fun() -> peer:call(A, erlang, apply, [fun() ->
+        Self = self(),
+        Callers = 20,
+        [spawn_link(fun() ->
+             rand:seed(exsss, {I, I, I}),
+             lists:foreach(fun(J) ->
+                 Msg = {I, J, binary:copy(<<I>>, rand:uniform(128 * 1024) - 1)},
+                 Msg = gen_server:call({probe, ?ERGO}, {echo, Msg}, 60000)
+             end, lists:seq(1, 100)),
+             Self ! {done, I}
+         end) || I <- lists:seq(1, Callers)],
+        spawn_link(fun() ->
+            Self ! {go, gen_server:call({probe, ?ERGO}, {call_n, tsdist_echo, node(), 2000}, 120000)}
+        end),
+        [receive {done, I} -> ok after 120000 -> exit({caller_timed_out, I}) end
+         || I <- lists:seq(1, Callers)],
+        receive {go, R} -> R after 120000 -> go_timed_out end
+    end, []], 180000) end),
+    ?assertEqual({ok, 2000}, Result),
+    ct:log("2,000 calls with up to 128 KiB each way, 20 callers at once, and 2,000 calls back: ~b ms",
+           [Us div 1000]).
 
 %% Links and monitors across, both ways: exits and downs arrive.
 links_and_monitors(Config) ->
@@ -192,12 +221,12 @@ identity(Config) ->
 %% pang, and it does not even list its name to them.
 refused_by_policy(Config) ->
     {A, _} = ?config(a, Config),
-    Closed = start_probe(Config, "closed@omega", ["-allow", "host:nobody"]),
+    Closed = tsdist_ct:start_ergo_node(Config, "closed@omega", ["-allow", "host:nobody"]),
     try
         ?assertEqual(pang, peer:call(A, net_adm, ping, ['closed@omega'], 15000)),
         ?assertMatch({error, _}, peer:call(A, erl_epmd, names, ["omega"], 15000))
     after
-        stop_probe(Closed)
+        tsdist_ct:stop_ergo_node(Closed)
     end.
 
 %% Stopping the Go node is a nodedown on the Erlang side; started again,
@@ -212,16 +241,16 @@ stop_and_rejoin(Config) ->
         receive monitoring -> ok end
     end, []]),
     T0 = erlang:monotonic_time(millisecond),
-    stop_probe(?config(probe, Config)),
+    tsdist_ct:stop_ergo_node(?config(probe, Config)),
     tsdist_ct:wait_until(fun() -> downs(A) =:= [?ERGO] end, 300),
     ct:log("nodedown on A ~b ms after the Go node was told to stop (its exit included)", [erlang:monotonic_time(millisecond) - T0]),
-    Probe = start_probe(Config, "probe@delta", []),
+    Probe = tsdist_ct:start_ergo_node(Config, "probe@delta", []),
     T1 = erlang:monotonic_time(millisecond),
     tsdist_ct:wait_until(fun() -> peer:call(A, net_adm, ping, [?ERGO], 15000) =:= pong end, 300),
     ct:log("pong again ~b ms after the restarted Go node was up", [erlang:monotonic_time(millisecond) - T1]),
     ?assertEqual(pong, probe_call(A, {ping, 'app@alpha'})),
     peer:call(A, erlang, send, [tsdist_down_watch, stop]),
-    stop_probe(Probe).
+    tsdist_ct:stop_ergo_node(Probe).
 
 downs(Peer) ->
     peer:call(Peer, erlang, apply, [fun() ->
@@ -260,71 +289,4 @@ report_loop(Downs) ->
         {nodedown, Node} -> report_loop(Downs ++ [Node]);
         {query, From} -> From ! {downs, Downs}, report_loop(Downs);
         stop -> ok
-    end.
-
-%% Starts test/ergoprobe as node Name (its own tailnet device) and waits
-%% until it has published its name.
-start_probe(Config, Name, Args) ->
-    Probe = case os:getenv("TSDIST_ERGOPROBE") of
-                false -> filename:join(filename:dirname(?config(helper, Config)), "ergoprobe");
-                P -> P
-            end,
-    [_, Host] = string:split(Name, "@"),
-    Self = self(),
-    Pid = spawn(fun() ->
-        Port = open_port({spawn_executable, Probe},
-                         [{args, ["-name", Name, "-cookie", tsdist_ct:cookie() | Args]},
-                          {env, tsdist_ct:node_env(Config, Host)},
-                          exit_status, use_stdio, stderr_to_stdout, {line, 4096}]),
-        probe_loop(Port, Self, Name)
-    end),
-    receive
-        {probe_ready, Pid, Line} -> ct:log("~s: ~s", [Name, Line]), Pid;
-        {probe_exited, Pid, Status, Lines} -> ct:fail({probe_did_not_start, Name, Status, Lines})
-    after 60000 -> ct:fail({probe_did_not_start, Name, timeout})
-    end.
-
-probe_loop(Port, Owner, Name) ->
-    probe_loop(Port, Owner, Name, []).
-
-probe_loop(Port, Owner, Name, Lines) ->
-    receive
-        {Port, {data, {_, "ready " ++ _ = Line}}} ->
-            Owner ! {probe_ready, self(), Line},
-            probe_loop(Port, Owner, Name, Lines);
-        {Port, {data, {_, Line}}} ->
-            probe_loop(Port, Owner, Name, lists:sublist([Line | Lines], 200));
-        {Port, {exit_status, Status}} ->
-            Owner ! {probe_exited, self(), Status, lists:reverse(Lines)};
-        {stop, From} ->
-            %% Closing its stdin stops the probe; wait for it to exit.
-            {os_pid, OsPid} = erlang:port_info(Port, os_pid),
-            port_close(Port),
-            From ! {stopped, self(), OsPid, lists:reverse(Lines)}
-    end.
-
-stop_probe(Pid) ->
-    Pid ! {stop, self()},
-    receive
-        {stopped, Pid, OsPid, Lines} ->
-            ct:log("probe output:~n~s", [lists:join("\n", Lines)]),
-            wait_gone(OsPid, 100)
-    after 10000 -> ct:fail(probe_did_not_stop)
-    end.
-
-%% Waits until OS process OsPid has exited (port_close does not wait).
-wait_gone(OsPid, 0) ->
-    ct:fail({probe_still_running, OsPid});
-wait_gone(OsPid, N) ->
-    case file:read_file_info("/proc/" ++ integer_to_list(OsPid)) of
-        {error, enoent} -> ok;
-        _ ->
-            case file:read_file("/proc/" ++ integer_to_list(OsPid) ++ "/stat") of
-                {ok, Stat} ->
-                    case string:split(Stat, ") ") of
-                        [_, <<"Z", _/binary>>] -> ok; % exited, waiting to be reaped
-                        _ -> timer:sleep(50), wait_gone(OsPid, N - 1)
-                    end;
-                _ -> ok
-            end
     end.

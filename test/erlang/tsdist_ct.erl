@@ -24,7 +24,7 @@
          start_node/3, start_node/4, start_node/5,
          start_node_result/4, start_node_result/5,
          wait_until/1, wait_until/2, cookie/0, links_and_monitors/3, collect_port/3,
-         node_env/2]).
+         node_env/2, start_ergo_node/3, stop_ergo_node/1]).
 -export([start_headscale/3, stop_headscale/1, headscale/2, headscale_json/2,
          start_service/3, stop_service/1, free_port/0]).
 
@@ -338,4 +338,61 @@ wait_for_file(File, N) ->
     case file:read_file(File) of
         {ok, Bin} when byte_size(Bin) > 0 -> string:trim(binary_to_list(Bin));
         _ -> timer:sleep(100), wait_for_file(File, N - 1)
+    end.
+
+%% Starts test/ergoprobe, a Go node (ergonode), as node Name on its own
+%% tailnet device, with Args and Config's environment (node_env/2), and
+%% waits until it has published its name. TSDIST_ERGOPROBE names the
+%% binary; by default it is beside the helper.
+-spec start_ergo_node(list(), string(), [string()]) -> pid().
+start_ergo_node(Config, Name, Args) ->
+    Probe = case os:getenv("TSDIST_ERGOPROBE") of
+                false -> filename:join(filename:dirname(?config(helper, Config)), "ergoprobe");
+                P -> P
+            end,
+    [_, Host] = string:split(Name, "@"),
+    Self = self(),
+    Pid = spawn(fun() ->
+        Port = open_port({spawn_executable, Probe},
+                         [{args, ["-name", Name, "-cookie", cookie() | Args]},
+                          {env, node_env(Config, Host)},
+                          exit_status, use_stdio, stderr_to_stdout, {line, 4096}]),
+        probe_loop(Port, Self, Name)
+    end),
+    receive
+        {probe_ready, Pid, Line} -> ct:log("~s: ~s", [Name, Line]), Pid;
+        {probe_exited, Pid, Status, Lines} -> ct:fail({probe_did_not_start, Name, Status, Lines})
+    after 60000 -> ct:fail({probe_did_not_start, Name, timeout})
+    end.
+
+probe_loop(Port, Owner, Name) ->
+    probe_loop(Port, Owner, Name, []).
+
+probe_loop(Port, Owner, Name, Lines) ->
+    receive
+        {Port, {data, {_, "ready " ++ _ = Line}}} ->
+            Owner ! {probe_ready, self(), Line},
+            probe_loop(Port, Owner, Name, Lines);
+        {Port, {data, {_, Line}}} ->
+            probe_loop(Port, Owner, Name, lists:sublist([Line | Lines], 200));
+        {Port, {exit_status, Status}} ->
+            Owner ! {probe_exited, self(), Status, lists:reverse(Lines)};
+        {stop, From} ->
+            %% Closing its stdin stops the probe; wait for it to exit.
+            {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+            port_close(Port),
+            From ! {stopped, self(), OsPid, lists:reverse(Lines)}
+    end.
+
+%% Stops a Go node started by start_ergo_node/3 (closing its standard
+%% input) and waits for its OS process to exit.
+-spec stop_ergo_node(pid()) -> ok.
+stop_ergo_node(Pid) ->
+    Pid ! {stop, self()},
+    receive
+        {stopped, Pid, OsPid, Lines} ->
+            ct:log("probe output:~n~s", [lists:join("\n", Lines)]),
+            wait_gone(OsPid, 200) orelse ct:fail({probe_still_running, OsPid}),
+            ok
+    after 10000 -> ct:fail(probe_did_not_stop)
     end.
