@@ -3,6 +3,7 @@ package ergonode
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"io"
 	"net"
 	"sync"
@@ -518,7 +519,7 @@ func TestRepairRestoresLongReferences(t *testing.T) {
 // otherFrames are frames the repair layer has no business changing, in
 // both directions: ticks, messages without references or unlinks, a
 // remembered reference's unknown cousins, compressed (non-131) frames.
-func otherFrames(t *testing.T) []byte {
+func otherFrames(t testing.TB) []byte {
 	t.Helper()
 	enc := newErgoEncoder(map[etf.Atom]int16{"a": 1})
 	var s []byte
@@ -562,7 +563,7 @@ func TestRepairPassesOtherFrames(t *testing.T) {
 
 // ergoStream is a stream of ergo's frames with every repair in it: an
 // unlink, a reply to a remembered alias, the same in two fragments, ticks.
-func ergoStream(t *testing.T) (stream []byte, growth int) {
+func ergoStream(t testing.TB) (stream []byte, growth int) {
 	t.Helper()
 	enc := newErgoEncoder(map[etf.Atom]int16{etf.Atom(peerNode): 1, etf.Atom(ergoNode): 2})
 	from := etf.Pid{Node: etf.Atom(ergoNode), ID: 1, Creation: 3}
@@ -694,4 +695,42 @@ func TestRepairLongFrames(t *testing.T) {
 			t.Errorf("a long incoming frame did not pass intact")
 		}
 	})
+}
+
+func TestRepairMalformedUnlinkFromPeer(t *testing.T) {
+	pid := newPid(smallAtom(peerNode), 1)
+	tests := []struct {
+		name string
+		body []byte
+	}{
+		{"no elements", []byte{tagSmallTuple, 4, tagSmallInteger, opUnlinkID}},
+		{"id only", []byte{tagSmallTuple, 4, tagSmallInteger, opUnlinkID, tagSmallInteger, 1}},
+		{"one pid", append([]byte{tagSmallTuple, 4, tagSmallInteger, opUnlinkID, tagSmallInteger, 1}, pid...)},
+		{"cut pid", append([]byte{tagSmallTuple, 4, tagSmallInteger, opUnlinkID, tagSmallInteger, 1}, pid[:10]...)},
+		{"wrong arity", []byte{tagSmallTuple, 3, tagSmallInteger, opUnlinkID, tagSmallInteger, 1, tagNil}},
+		{"a tuple for a pid", append([]byte{tagSmallTuple, 4, tagSmallInteger, opUnlinkID, tagSmallInteger, 1, tagSmallTuple, 0}, pid...)},
+	}
+	for _, tt := range tests {
+		for _, kind := range []string{"D", "p"} {
+			frame := dFrame(handHeader(), tt.body)
+			if kind == "p" {
+				frame = withLen(append([]byte{kindPassThrough, tagVersion}, tt.body...))
+			}
+			conn := &fuzzConn{r: frame, sizes: []int{1 << 20}}
+			rc := newRepairConn(conn, nil, newLongRefs(), t.Logf)
+			func() {
+				defer func() {
+					if r := recover(); r != nil {
+						t.Errorf("%s (%s): Read panicked: %v", tt.name, kind, r)
+					}
+				}()
+				if n, err := rc.Read(make([]byte, 4096)); err == nil || errors.Is(err, io.EOF) {
+					t.Errorf("%s (%s): Read = %d, %v; want an error for the malformed frame", tt.name, kind, n, err)
+				}
+			}()
+			if conn.w.Len() != 0 {
+				t.Errorf("%s (%s): acknowledged a malformed unlink: % x", tt.name, kind, conn.w.Bytes())
+			}
+		}
+	}
 }
