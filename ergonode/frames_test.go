@@ -734,3 +734,42 @@ func TestRepairMalformedUnlinkFromPeer(t *testing.T) {
 		}
 	}
 }
+
+func TestRepairDirectWrite(t *testing.T) {
+	// ergo's linkFlusher writes a packet over ergoDirectWrite bytes
+	// straight to the connection, while its buffer may have sent part of
+	// another packet: the long write is whole packets, to go out at once,
+	// between packets.
+	refs := newLongRefs()
+	refs.remember(peerNode, longRef(smallAtom(peerNode), aliasCreation, aliasWords...))
+	enc := newErgoEncoder(nil)
+	from := etf.Pid{Node: etf.Atom(ergoNode), ID: 1, Creation: 3}
+	hs, bs := enc.message(t, etf.Tuple{22, from, aliasShort}, 1)
+	short := dFrame(hs, bs)
+	hl, bl := enc.message(t, etf.Tuple{22, from, aliasShort}, etf.Tuple{make([]byte, ergoDirectWrite), etf.Alias(aliasShort)})
+	long := dFrame(hl, bl)
+
+	t.Run("whole packets", func(t *testing.T) {
+		h := newHarness(t, refs)
+		h.write(t, short[:30])
+		h.write(t, append(append([]byte(nil), long...), 0, 0, 0, 0))
+		h.write(t, short[30:])
+		got := h.sentBytes(t, len(long)+4+len(short)+aliasGrowth(bl)+aliasGrowth(bs))
+		frames := splitFrames(t, got)
+		if len(frames) != 3 || len(frames[0]) != len(long)-4+aliasGrowth(bl) || len(frames[1]) != 0 {
+			t.Fatalf("%d frames sent; want the long packet, the tick, then the short one", len(frames))
+		}
+		checkRestored(t, withLen(frames[0]), false)
+		checkRestored(t, withLen(frames[2]), false)
+	})
+	t.Run("not at a packet boundary", func(t *testing.T) {
+		h := newHarness(t, refs)
+		h.write(t, short[:30])
+		if _, err := h.rc.Write(long[:len(long)-1]); err == nil {
+			t.Fatalf("a long write that ends inside a packet was taken")
+		}
+		if _, err := h.rc.Write(short[30:]); err == nil {
+			t.Errorf("a write after the error was taken")
+		}
+	})
+}
