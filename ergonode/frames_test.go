@@ -773,3 +773,25 @@ func TestRepairDirectWrite(t *testing.T) {
 		}
 	})
 }
+
+func TestRepairUnlinkFromPeerPassThrough(t *testing.T) {
+	// A pass-through message ('p', no header, a version byte before each
+	// term) is repaired the same way.
+	h := newHarness(t, newLongRefs())
+	from, to := newPid(smallAtom(peerNode), 1), newPid(smallAtom(ergoNode), 2)
+	h.peerSends(withLen(bytes.Join([][]byte{{kindPassThrough, tagVersion, tagSmallTuple, 4, tagSmallInteger, opUnlinkID, tagSmallInteger, 7}, from, to}, nil)), 1)
+	f := h.read(t, 1)[0]
+	want := bytes.Join([][]byte{{kindPassThrough, tagVersion, tagSmallTuple, 3, tagSmallInteger, opUnlink}, from, to}, nil)
+	if !bytes.Equal(f, want) {
+		t.Errorf("ergo read % x; want % x", f, want)
+	}
+	ack := splitFrames(t, h.sentBytes(t, 4+3+4+2+48))
+	if len(ack) != 1 {
+		t.Fatalf("%d frames to the peer; want the acknowledgement", len(ack))
+	}
+	terms := decodeTerms(t, ack[0][3:], nil)
+	wantAck := etf.Tuple{opUnlinkIDAck, 7, etf.Pid{Node: etf.Atom(ergoNode), ID: 2, Creation: 0x6a000001}, etf.Pid{Node: etf.Atom(peerNode), ID: 1, Creation: 0x6a000001}}
+	if len(terms) != 1 || !equalTerms(terms[0], wantAck) {
+		t.Errorf("peer got %#v; want [%#v]", terms, wantAck)
+	}
+}
