@@ -27,7 +27,7 @@
 
 -export([main/0]).
 %% run on the benchmark's nodes
--export([echo/0, sink/2, ping/1, rtt/2, stream/3, mesh_join/2, pids/0]).
+-export([echo/0, sink/2, ping/1, rtt/2, rtt_ergo/2, stream/3, stream_ergo/3, mesh_join/2, pids/0]).
 
 -define(COOKIE, "tsdist_bench_cookie").
 -define(CALL_TIMEOUT, 180000).
@@ -129,7 +129,8 @@ carriers(O) ->
                       (Tree(Dir))#{id => "tsnet@" ++ L, base => "tsnet",
                                    label => "raw tsnet @" ++ L, tailnet => true}]
                      || {L, Dir} <- Variants])
-    ++ [#{id => "ergo", base => "ergo", label => "ergo-BEAM (tailnet)", tailnet => true}].
+    ++ [(Here)#{id => "ergo", base => "ergo", label => "ergo-BEAM (tailnet)", tailnet => true,
+                ergoprobe => filename:join(Root, "bin/ergoprobe")}].
 
 rotate(L, R) ->
     K = (R - 1) rem length(L),
@@ -138,15 +139,8 @@ rotate(L, R) ->
 
 %%% One carrier, one repeat
 
-run_carrier(#{base := "ergo"} = C, R, _Ctx) ->
-    %% The ergo adapter (ergonode/, examples/ergo-greeter) is not there yet.
-    %% To wire it: start the ergo node on the tailnet here, then run the
-    %% same workloads from a BEAM node against a process of the ergo node
-    %% (an echo for ping/1 and rtt/2, a counting sink for stream/3).
-    case ergo_binary() of
-        false -> [sample(C, R, not_available, "examples/ergo-greeter is not built")];
-        Bin -> [sample(C, R, not_available, Bin ++ " exists, but the harness does not drive it yet")]
-    end;
+run_carrier(#{base := "ergo"} = C, R, Ctx) ->
+    guarded(C, R, fun() -> run_ergo(C, R, Ctx) end);
 run_carrier(#{base := "tsnet"} = C, R, Ctx) ->
     guarded(C, R, fun() -> run_tsnet(C, R, Ctx) end);
 run_carrier(C, R, Ctx) ->
@@ -154,13 +148,6 @@ run_carrier(C, R, Ctx) ->
     Mesh = lists:append([guarded(C, R, fun() -> run_mesh(C, R, N, Ctx) end)
                          || N <- maps:get(mesh, Ctx)]),
     Pair ++ Mesh.
-
-ergo_binary() ->
-    Bin = filename:join(env("BENCH_ROOT", element(2, file:get_cwd())), "bin/ergo-greeter"),
-    case filelib:is_regular(Bin) of
-        true -> Bin;
-        false -> false
-    end.
 
 guarded(C, R, F) ->
     try F()
@@ -197,6 +184,60 @@ run_pair(C, R, Ctx) ->
         [sample(C, R, M, V) || {M, V} <- Ms]
     after
         stop_node(A), stop_node(B)
+    end.
+
+%% A BEAM node (tailscale_dist) against a Go node (ergonode, run as
+%% test/ergoprobe) on the tailnet: the same workloads as run_pair, against
+%% the Go node's echo and counting sink. "helper" memory is the Go node's
+%% (its tailnet device and ergo in one process); there is no mesh.
+run_ergo(C, R, Ctx) ->
+    Work = maps:get(work, Ctx),
+    {BootA, A, _} = boot(C#{base := "tailscale"}, tag(C, R, "a"), Ctx),
+    Host = tag(C, R, "b"),
+    Go = list_to_atom("bench@" ++ Host),
+    Env = [{"TS_CONTROL_URL", maps:get(url, Ctx)}, {"TS_EPHEMERAL", "1"},
+           {"TS_STATE_DIR", filename:join([Work, "state", Host])}],
+    Port = open_port({spawn_executable, maps:get(ergoprobe, C)},
+                     [{args, ["-name", atom_to_list(Go), "-cookie", ?COOKIE]}, {env, Env},
+                      exit_status, stderr_to_stdout, {line, 4096}]),
+    {os_pid, GoPid} = erlang:port_info(Port, os_pid),
+    try
+        BootGo = await_ready(Port, Go),
+        Setup = call(A, ping, [Go]),
+        {RttMed, RttP99} = call(A, rtt_ergo, [Go, maps:get(pings, Ctx)]),
+        _ = call(A, stream_ergo, [Go, 64, maps:get(msgs, Ctx) div 10]),
+        Msg64 = call(A, stream_ergo, [Go, 64, maps:get(msgs, Ctx)]),
+        _ = call(A, stream_ergo, [Go, 1 bsl 20, 2]),
+        Mib = call(A, stream_ergo, [Go, 1 bsl 20, maps:get(mibs, Ctx)]),
+        {BeamPid, _} = call(A, pids, []),
+        Busy = [{beam_rss_mb, rss_mb(BeamPid)}, {helper_rss_mb, rss_mb(GoPid)}],
+        timer:sleep(maps:get(rest, Ctx)),
+        Ms = [{boot_ms, BootA / 1000}, {boot_ms, BootGo},
+              {setup_ms, Setup / 1000},
+              {rtt_median_us, RttMed}, {rtt_p99_us, RttP99},
+              {msg64_per_s, maps:get(msgs, Ctx) / (Msg64 / 1.0e6)},
+              {mib_mb_s, maps:get(mibs, Ctx) * 1.048576 / (Mib / 1.0e6)}]
+            ++ Busy ++ [{helper_rss_rest_mb, rss_mb(GoPid)}],
+        report(maps:get(id, C), Ms),
+        [sample(C, R, M, V) || {M, V} <- Ms]
+    after
+        stop_node(A),
+        stop_helper(Port)
+    end.
+
+%% Milliseconds from start to published, as test/ergoprobe reports it
+%% ("ready NAME PORT MS").
+await_ready(Port, Go) ->
+    receive
+        {Port, {data, {_, "ready " ++ Rest}}} ->
+            [_, _, Ms] = string:lexemes(Rest, " "),
+            float(list_to_integer(Ms));
+        {Port, {data, _}} ->
+            await_ready(Port, Go);
+        {Port, {exit_status, S}} ->
+            error({go_node_exited, Go, S})
+    after 60000 ->
+            error({go_node_not_ready, Go})
     end.
 
 run_mesh(C, R, N, Ctx) ->
@@ -504,7 +545,14 @@ echo() ->
 %% in microseconds, after 100 to warm up.
 -spec rtt(node(), pos_integer()) -> {float(), float()}.
 rtt(Node, N) ->
-    Echo = spawn(Node, ?MODULE, echo, []),
+    rtt_with(spawn(Node, ?MODULE, echo, []), N).
+
+%% rtt/2 against the echo process of a Go node (test/ergoprobe).
+-spec rtt_ergo(node(), pos_integer()) -> {float(), float()}.
+rtt_ergo(Node, N) ->
+    rtt_with(gen_server:call({probe, Node}, {echo_process}), N).
+
+rtt_with(Echo, N) ->
     Msg = binary:copy(<<"p">>, 64),
     Once = fun() ->
                    T0 = erlang:monotonic_time(nanosecond),
@@ -521,8 +569,15 @@ rtt(Node, N) ->
 %% Node, until it has received them all.
 -spec stream(node(), pos_integer(), pos_integer()) -> non_neg_integer().
 stream(Node, Size, N) ->
+    stream_to(spawn(Node, ?MODULE, sink, [self(), N]), Size, N).
+
+%% stream/3 to the counting sink of a Go node (test/ergoprobe).
+-spec stream_ergo(node(), pos_integer(), pos_integer()) -> non_neg_integer().
+stream_ergo(Node, Size, N) ->
+    stream_to(gen_server:call({probe, Node}, {sink, self(), N}), Size, N).
+
+stream_to(Sink, Size, N) ->
     Bin = binary:copy(<<"x">>, Size),
-    Sink = spawn(Node, ?MODULE, sink, [self(), N]),
     T0 = erlang:monotonic_time(microsecond),
     send_n(Sink, Bin, N),
     receive {sink_done, Sink} -> ok end,

@@ -92,7 +92,8 @@ type Options struct {
 	Ergo node.Options
 	// ProtoOptions tunes ergo's distribution protocol handler. The zero
 	// value means node.DefaultProtoOptions(), except that FragmentationUnit
-	// is at most the package's FragmentationUnit (see there).
+	// is at most the package's FragmentationUnit (see there) and
+	// NumHandlers is always 1 (see docs/ergo.md: more reorder messages).
 	ProtoOptions node.ProtoOptions
 	// Logf receives the adapter's log lines: refused peers, repairs that
 	// could not be made. Nil means the standard logger.
@@ -213,6 +214,12 @@ func Start(ctx context.Context, name, cookie string, opts Options) (_ *Node, err
 	if protoOpts == (node.ProtoOptions{}) {
 		protoOpts = node.DefaultProtoOptions()
 	}
+	// ergo hands the packets it reads to its handlers in turn, and they
+	// run at once: with more than one, two messages from one BEAM process
+	// can arrive in the wrong order, and a long message's fragments can be
+	// joined to the next message's (OTP reuses a sender's sequence id).
+	// One handler keeps Erlang's order between two processes.
+	protoOpts.NumHandlers = 1
 	if protoOpts.FragmentationUnit <= 0 || protoOpts.FragmentationUnit > FragmentationUnit {
 		// ergo writes a packet over 64,000 bytes past its write buffer, so
 		// it overtakes the messages buffered before it; with fragments of

@@ -1,7 +1,8 @@
-// Command ergoprobe is the Go node the cross-language tests drive: an ergo
-// node on the tailnet (package ergonode) with a gen server, probe, whose
-// calls make the Go side do what a test needs of it: answer, call an
-// Erlang process, ping, link, monitor and unlink. It prints "ready NAME
+// Command ergoprobe is the Go node the cross-language tests and the
+// benchmark drive: an ergo node on the tailnet (package ergonode) with a
+// gen server, probe, whose calls make the Go side do what a test needs of
+// it: answer, call an Erlang process, ping, link, monitor and unlink, echo
+// and count messages. It prints "ready NAME
 // PORT" once the node is published, and stops when its standard input
 // closes (it runs as a port program).
 package main
@@ -113,6 +114,32 @@ func (p *probe) HandleCall(sp *gen.ServerProcess, from gen.ServerFrom, message e
 			return etf.Tuple{etf.Atom("error"), err.Error()}, gen.ServerStatusOK
 		}
 		return w.Self(), gen.ServerStatusOK
+	case etf.Atom("echo_process"): // {echo_process}: a process that sends {Self, Msg} back for each {From, Msg}
+		e, err := sp.Spawn("", gen.ProcessOptions{MailboxSize: benchMailbox}, &echoProcess{})
+		if err != nil {
+			return etf.Tuple{etf.Atom("error"), err.Error()}, gen.ServerStatusOK
+		}
+		return e.Self(), gen.ServerStatusOK
+	case etf.Atom("sink"): // {sink, From, N}: a process that tells From {sink_done, Self} after N messages
+		n, _ := toInt(t[2])
+		k, err := sp.Spawn("", gen.ProcessOptions{MailboxSize: benchMailbox}, &sinkProcess{report: t[1].(etf.Pid), left: n})
+		if err != nil {
+			return etf.Tuple{etf.Atom("error"), err.Error()}, gen.ServerStatusOK
+		}
+		return k.Self(), gen.ServerStatusOK
+	case etf.Atom("collector"): // {collector, From, N}: checks that N {seq, I, _} arrive in order
+		n, _ := toInt(t[2])
+		c, err := sp.Spawn("", gen.ProcessOptions{MailboxSize: benchMailbox}, &collector{report: t[1].(etf.Pid), want: n, firstBad: -1})
+		if err != nil {
+			return etf.Tuple{etf.Atom("error"), err.Error()}, gen.ServerStatusOK
+		}
+		return c.Self(), gen.ServerStatusOK
+	case etf.Atom("send_seq"): // {send_seq, To, N}: sends {seq, I, Payload} for I in 0..N-1
+		n, _ := toInt(t[2])
+		for i := range n {
+			sp.Send(t[1].(etf.Pid), etf.Tuple{etf.Atom("seq"), i, seqPayload(i)})
+		}
+		return etf.Atom("ok"), gen.ServerStatusOK
 	case etf.Atom("identity"): // {identity, Node}: the peer's tailnet identity
 		peer, _ := t[1].(etf.Atom)
 		id, ok := p.node.Identity(string(peer))
@@ -184,4 +211,80 @@ func toInt(t etf.Term) (int, bool) {
 		return int(v), true
 	}
 	return 0, false
+}
+
+// benchMailbox is the mailbox of the benchmark's processes: ergo drops
+// what arrives at a full mailbox (its default holds 100 messages).
+const benchMailbox = 65535
+
+// echoProcess answers each {From, Msg} with {Self, Msg}, as the
+// benchmark's echo on BEAM nodes does, until it gets stop.
+type echoProcess struct{ gen.Server }
+
+func (e *echoProcess) HandleInfo(sp *gen.ServerProcess, message etf.Term) gen.ServerStatus {
+	if message == etf.Atom("stop") {
+		return gen.ServerStatusStop
+	}
+	if t, ok := message.(etf.Tuple); ok && len(t) == 2 {
+		if from, ok := t[0].(etf.Pid); ok {
+			sp.Send(from, etf.Tuple{sp.Self(), t[1]})
+		}
+	}
+	return gen.ServerStatusOK
+}
+
+// sinkProcess counts messages and tells report {sink_done, Self} when
+// left reaches zero, as the benchmark's sink on BEAM nodes does.
+type sinkProcess struct {
+	gen.Server
+	report etf.Pid
+	left   int
+}
+
+func (k *sinkProcess) HandleInfo(sp *gen.ServerProcess, message etf.Term) gen.ServerStatus {
+	k.left--
+	if k.left > 0 {
+		return gen.ServerStatusOK
+	}
+	sp.Send(k.report, etf.Tuple{etf.Atom("sink_done"), sp.Self()})
+	return gen.ServerStatusStop
+}
+
+// seqPayload is the payload of message i of a sequence: every seventh is
+// 100,000 bytes, long enough to be fragmented, the others 64.
+func seqPayload(i int) []byte {
+	if i%7 == 0 {
+		return make([]byte, 100000)
+	}
+	return make([]byte, 64)
+}
+
+// collector checks that {seq, I, Payload} messages arrive with I = 0, 1,
+// 2, ... and the payload sizes of seqPayload, and tells report
+// {collected, N, FirstBad} (-1 when all were in order) after want of them.
+type collector struct {
+	gen.Server
+	report   etf.Pid
+	want     int
+	next     int
+	firstBad int
+}
+
+func (c *collector) HandleInfo(sp *gen.ServerProcess, message etf.Term) gen.ServerStatus {
+	t, _ := message.(etf.Tuple)
+	ok := len(t) == 3 && t[0] == etf.Atom("seq")
+	if ok {
+		i, isInt := toInt(t[1])
+		payload, isBin := t[2].([]byte)
+		ok = isInt && isBin && i == c.next && len(payload) == len(seqPayload(i))
+	}
+	if !ok && c.firstBad < 0 {
+		c.firstBad = c.next
+	}
+	c.next++
+	if c.next < c.want {
+		return gen.ServerStatusOK
+	}
+	sp.Send(c.report, etf.Tuple{etf.Atom("collected"), c.next, c.firstBad})
+	return gen.ServerStatusStop
 }

@@ -13,6 +13,7 @@
 
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1]).
 -export([ping_both_ways/1, calls_both_ways/1, big_messages/1, many_calls/1, under_load/1,
+         order_kept/1,
          links_and_monitors/1, unlink_and_relink/1, one_cluster/1, identity/1,
          refused_by_policy/1, stop_and_rejoin/1]).
 %% run on the nodes under test
@@ -24,7 +25,7 @@ suite() ->
     [{timetrap, {minutes, 3}}].
 
 all() ->
-    [ping_both_ways, calls_both_ways, big_messages, many_calls, under_load, links_and_monitors,
+    [ping_both_ways, calls_both_ways, big_messages, many_calls, under_load, order_kept, links_and_monitors,
      unlink_and_relink, one_cluster, identity, refused_by_policy, stop_and_rejoin].
 
 init_per_suite(Config) ->
@@ -131,6 +132,33 @@ under_load(Config) ->
     ?assertEqual({ok, 2000}, Result),
     ct:log("2,000 calls with up to 128 KiB each way, 20 callers at once, and 2,000 calls back: ~b ms",
            [Us div 1000]).
+
+%% Messages between two processes arrive in the order sent, both ways:
+%% 3,000 back to back, every seventh long enough to be fragmented.
+order_kept(Config) ->
+    {A, _} = ?config(a, Config),
+    N = 3000,
+    Payload = fun(I) when I rem 7 =:= 0 -> binary:copy(<<0>>, 100000);
+                 (_) -> binary:copy(<<0>>, 64)
+              end,
+    Seen = peer:call(A, erlang, apply, [fun() ->
+        Collector = gen_server:call({probe, ?ERGO}, {collector, self(), N}),
+        [Collector ! {seq, I, Payload(I)} || I <- lists:seq(0, N - 1)],
+        ToGo = receive {collected, N, FirstBad} -> FirstBad after 60000 -> timeout end,
+        ok = gen_server:call({probe, ?ERGO}, {send_seq, self(), N}, 60000),
+        FromGo = lists:foldl(fun(I, Bad) ->
+                     Size = byte_size(Payload(I)),
+                     receive
+                         {seq, I, P} when byte_size(P) =:= Size -> Bad;
+                         {seq, _, _} when Bad =:= -1 -> I;
+                         {seq, _, _} -> Bad
+                     after 10000 -> {missing, I}
+                     end
+                 end, -1, lists:seq(0, N - 1)),
+        {ToGo, FromGo}
+    end, []], 150000),
+    %% -1: every message in its place
+    ?assertEqual({-1, -1}, Seen).
 
 %% Links and monitors across, both ways: exits and downs arrive.
 links_and_monitors(Config) ->
