@@ -22,14 +22,25 @@ import (
 // connection from someone else ever waits this long.
 const claimTimeout = 2 * time.Second
 
+// replaceTimeout bounds the wait for ergo to let go of a connection to an
+// earlier incarnation of a peer (see replaceStale).
+const replaceTimeout = 5 * time.Second
+
 // session is one distribution connection: the tailnet connection that
 // carries it and what is known of the peer.
 type session struct {
 	tailnet  net.Conn
 	peer     carrier.Identity
 	name     string // the peer's node name, once the handshake has told it
+	creation uint32 // the peer's incarnation, from the handshake
 	leftover []byte // bytes read past the handshake
 	once     sync.Once
+	gone     chan struct{} // closed once ergo has let go of the connection
+	goneOnce sync.Once
+}
+
+func newSession(tailnet net.Conn, peer carrier.Identity) *session {
+	return &session{tailnet: tailnet, peer: peer, gone: make(chan struct{})}
 }
 
 func (s *session) close() { s.once.Do(func() { s.tailnet.Close() }) }
@@ -48,6 +59,7 @@ type bridge struct {
 	handed   map[lib.NetReadWriter]*session // handshake done, until Proto.Init
 	byName   map[string]*session
 	sessions map[*session]struct{}
+	loops    map[net.Conn]struct{} // our ends of ergo's loopback sockets, tied
 	wg       sync.WaitGroup
 }
 
@@ -60,7 +72,7 @@ func newBridge(n *Node) (*bridge, error) {
 		n: n, trigger: ln, arrived: make(chan struct{}),
 		waiting: map[string]*session{}, byDial: map[string]*session{},
 		handed: map[lib.NetReadWriter]*session{}, byName: map[string]*session{},
-		sessions: map[*session]struct{}{},
+		sessions: map[*session]struct{}{}, loops: map[net.Conn]struct{}{},
 	}
 	b.wg.Go(b.triggerLoop)
 	return b, nil
@@ -89,8 +101,19 @@ func (b *bridge) triggerLoop() {
 // tie waits until ergo closes its end of the loopback connection c, then
 // closes the tailnet connection that find returns.
 func (b *bridge) tie(c net.Conn, find func() *session) {
+	b.mu.Lock()
+	if b.closed {
+		b.mu.Unlock()
+		c.Close()
+		return
+	}
+	b.loops[c] = struct{}{}
+	b.mu.Unlock()
 	io.Copy(io.Discard, c) // ergo never writes to it: this waits for its close
 	c.Close()
+	b.mu.Lock()
+	delete(b.loops, c)
+	b.mu.Unlock()
 	if s := find(); s != nil {
 		b.drop(s)
 	}
@@ -104,6 +127,29 @@ func (b *bridge) drop(s *session) {
 	delete(b.sessions, s)
 	if b.byName[s.name] == s {
 		delete(b.byName, s.name)
+	}
+	s.goneOnce.Do(func() { close(s.gone) })
+}
+
+// replaceStale makes way for a new connection from peer name: if a
+// connection to an earlier incarnation of it (another creation) is still
+// up, which is what a peer killed without a FIN leaves behind, it is
+// closed, and replaceStale waits until ergo has let go of it. ergo itself
+// would keep the dead connection until its keepalive gives up (60 s) and
+// refuse the new one meanwhile; OTP replaces it at once, and so does this.
+func (b *bridge) replaceStale(name string, creation uint32) {
+	b.mu.Lock()
+	old := b.byName[name]
+	b.mu.Unlock()
+	if old == nil || old.creation == creation {
+		return
+	}
+	b.n.logf("ergonode: %s has restarted (creation %d, was %d); closing its old connection", name, creation, old.creation)
+	old.close()
+	select {
+	case <-old.gone:
+	case <-time.After(replaceTimeout):
+		b.n.logf("ergonode: ergo still holds the old connection to %s after %v", name, replaceTimeout)
 	}
 }
 
@@ -127,7 +173,7 @@ func (b *bridge) accept(conn net.Conn, peer carrier.Identity) error {
 	if addr == "" {
 		return errors.New("ergo's listener is not up")
 	}
-	s := &session{tailnet: conn, peer: peer}
+	s := newSession(conn, peer)
 	if err := b.add(s); err != nil {
 		return err
 	}
@@ -179,10 +225,10 @@ func (b *bridge) claim(remote string) *session {
 }
 
 // handshakeDone records that ergo's socket conn now stands for s.
-func (b *bridge) handshakeDone(conn lib.NetReadWriter, s *session, name string) {
+func (b *bridge) handshakeDone(conn lib.NetReadWriter, s *session, details node.HandshakeDetails) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	s.name = name
+	s.name, s.creation = details.Name, details.Creation
 	b.handed[conn] = s
 }
 
@@ -216,12 +262,17 @@ func (b *bridge) close() {
 	b.closed = true
 	close(b.arrived)
 	b.arrived = make(chan struct{})
-	sessions := b.sessions
-	b.sessions = map[*session]struct{}{}
+	sessions, loops := b.sessions, b.loops
+	b.sessions, b.loops = map[*session]struct{}{}, map[net.Conn]struct{}{}
 	b.mu.Unlock()
 	b.trigger.Close()
 	for s := range sessions {
 		s.close()
+	}
+	// ergo closes its sockets when its connections end; these are closed
+	// too, so that a socket ergo kept cannot hold Stop up.
+	for c := range loops {
+		c.Close()
 	}
 	b.wg.Wait()
 }
@@ -254,7 +305,8 @@ func (h *listenHandshake) Accept(remote net.Addr, conn lib.NetReadWriter, tls bo
 		return details, err
 	}
 	s.leftover = hc.leftover()
-	h.b.handshakeDone(conn, s, details.Name)
+	h.b.replaceStale(details.Name, details.Creation)
+	h.b.handshakeDone(conn, s, details)
 	return details, nil
 }
 
@@ -282,7 +334,7 @@ func (h *dialHandshake) Start(remote net.Addr, conn lib.NetReadWriter, tls bool,
 	if err != nil {
 		return node.HandshakeDetails{}, fmt.Errorf("ergonode: dialling %s over the tailnet: %w", h.peer, err)
 	}
-	s := &session{tailnet: tc}
+	s := newSession(tc, carrier.Identity{})
 	if id, err := h.b.n.tailnet.WhoIs(ctx, tc.RemoteAddr().String()); err == nil {
 		s.peer = id
 	}
@@ -303,7 +355,7 @@ func (h *dialHandshake) Start(remote net.Addr, conn lib.NetReadWriter, tls bool,
 		return details, err
 	}
 	s.leftover = hc.leftover()
-	h.b.handshakeDone(conn, s, details.Name)
+	h.b.handshakeDone(conn, s, details)
 	return details, nil
 }
 

@@ -141,7 +141,7 @@ func handMade() (term []byte, refs int) {
 	export := append(append(append([]byte{tagExport}, smallAtom("lists")...), smallAtom("map")...), tagSmallInteger, 2)
 	// NEW_FUN_EXT: Size counts itself and everything after the tag.
 	funBody := append([]byte{1}, bytes.Repeat([]byte{0xab}, 16)...) // arity, uniq
-	funBody = u32(u32(funBody, 0), 1)                                // index, numfree
+	funBody = u32(u32(funBody, 0), 1)                               // index, numfree
 	funBody = append(funBody, smallAtom("m")...)
 	funBody = append(funBody, tagSmallInteger, 0, tagInteger, 0, 0, 0, 1)
 	funBody = append(funBody, oldPid...)

@@ -201,9 +201,7 @@ func (c *repairConn) startIncoming(size int, avail []byte) (done bool, err error
 	if err != nil {
 		return false, err
 	}
-	var walk *walkState
-	switch kind {
-	case kindPassThrough, kindNormal:
+	if kind == kindPassThrough || kind == kindNormal {
 		op, err := controlOp(avail[headLen:], kind == kindPassThrough)
 		if err != nil {
 			return false, err
@@ -217,24 +215,42 @@ func (c *repairConn) startIncoming(size int, avail []byte) (done bool, err error
 			}
 			return true, c.unlinkFromPeer(avail, headLen, atoms, kind == kindPassThrough, op)
 		}
-		walk = &walkState{w: newTermWalker(atoms, kind == kindPassThrough)}
-	case kindFirstFrag:
-		walk = &walkState{w: newTermWalker(atoms, false)}
-		if fragID > 1 {
-			trackFrag(c.inFrags, &c.inFragList, seq, walk)
-		}
-	case kindNextFrag:
-		walk = c.inFrags[seq]
-		if fragID == 1 {
-			delete(c.inFrags, seq)
-		}
 	}
+	walk := messageWalk(kind, atoms, seq, fragID, c.inFrags, &c.inFragList, true)
 	c.ready = binary.BigEndian.AppendUint32(c.ready, uint32(size))
 	c.ready = append(c.ready, avail[:headLen]...)
 	c.rbuf = c.rbuf[4+headLen:]
 	c.inLeft = size - headLen
 	c.inWalk = walk
 	return false, nil
+}
+
+// messageWalk returns the walk that a frame's terms continue: for the
+// first frame of a message a new one (if start), tracked in frags when
+// more fragments follow; for a later fragment the tracked one, forgotten
+// at the last. It is nil for frames that are not walked.
+func messageWalk(kind byte, atoms []string, seq, fragID uint64, frags map[uint64]*walkState, order *[]uint64, start bool) *walkState {
+	switch kind {
+	case kindPassThrough, kindNormal:
+		if start {
+			return &walkState{w: newTermWalker(atoms, kind == kindPassThrough)}
+		}
+	case kindFirstFrag:
+		if start {
+			walk := &walkState{w: newTermWalker(atoms, false)}
+			if fragID > 1 {
+				trackFrag(frags, order, seq, walk)
+			}
+			return walk
+		}
+	case kindNextFrag:
+		walk := frags[seq]
+		if fragID == 1 {
+			delete(frags, seq)
+		}
+		return walk
+	}
+	return nil
 }
 
 // trackFrag records the walk of a fragmented message, forgetting the
@@ -560,28 +576,13 @@ func (c *repairConn) repairOutgoing(out []byte, f []byte) ([]byte, error) {
 	out = binary.BigEndian.AppendUint32(out, 0)
 	out = append(out, f[:headLen]...)
 	body := f[headLen:]
-	var walk *walkState
-	switch kind {
-	case kindPassThrough, kindNormal:
+	if kind == kindPassThrough || kind == kindNormal {
 		if op, err := controlOp(body, kind == kindPassThrough); err == nil && op == opUnlink {
 			body = c.unlinkWithID(body, kind == kindPassThrough)
 		}
-		if !c.refs.empty() {
-			walk = &walkState{w: newTermWalker(atoms, kind == kindPassThrough)}
-		}
-	case kindFirstFrag:
-		if !c.refs.empty() {
-			walk = &walkState{w: newTermWalker(atoms, false)}
-			if fragID > 1 {
-				trackFrag(c.outFrags, &c.outFragList, seq, walk)
-			}
-		}
-	case kindNextFrag:
-		walk = c.outFrags[seq]
-		if fragID == 1 {
-			delete(c.outFrags, seq)
-		}
 	}
+	// While no long reference is remembered, a new message needs no walk.
+	walk := messageWalk(kind, atoms, seq, fragID, c.outFrags, &c.outFragList, !c.refs.empty())
 	if walk == nil || walk.w.broken != nil {
 		out = append(out, body...)
 	} else {

@@ -52,7 +52,9 @@ func newPid(node []byte, id uint32) []byte {
 }
 
 // Frames, with their 4-byte length.
-func withLen(f []byte) []byte { return append(binary.BigEndian.AppendUint32(nil, uint32(len(f))), f...) }
+func withLen(f []byte) []byte {
+	return append(binary.BigEndian.AppendUint32(nil, uint32(len(f))), f...)
+}
 func dFrame(header []byte, body ...[]byte) []byte {
 	return withLen(append(append([]byte{tagVersion, kindNormal}, header...), bytes.Join(body, nil)...))
 }
@@ -527,7 +529,7 @@ func otherFrames(t testing.TB) []byte {
 	for _, terms := range [][]etf.Term{
 		{etf.Tuple{2, etf.Atom(""), etf.Pid{Node: "a"}}, etf.Tuple{etf.Atom("a"), []byte("payload")}},
 		{etf.Tuple{2, etf.Atom(""), etf.Pid{Node: "a"}}, etf.Ref{Node: "a", ID: [5]uint32{1, 2, 3}}},
-		{etf.Tuple{1, etf.Pid{Node: "a"}, etf.Pid{Node: "b"}}}, // LINK
+		{etf.Tuple{1, etf.Pid{Node: "a"}, etf.Pid{Node: "b"}}},                                              // LINK
 		{etf.Tuple{19, etf.Pid{Node: "a"}, etf.Pid{Node: "b"}, etf.Ref{Node: "a", ID: [5]uint32{7, 8, 9}}}}, // MONITOR_P
 		{etf.Tuple{4}}, // an UNLINK of the wrong arity
 	} {

@@ -16,7 +16,7 @@ func hsMsg(body ...[]byte) []byte {
 	return append(binary.BigEndian.AppendUint16(nil, uint16(len(b))), b...)
 }
 
-func u64(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }
+func u64(v uint64) []byte  { return binary.BigEndian.AppendUint64(nil, v) }
 func u32b(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
 func u16b(v uint16) []byte { return binary.BigEndian.AppendUint16(nil, v) }
 

@@ -15,7 +15,7 @@
 -export([ping_both_ways/1, calls_both_ways/1, big_messages/1, many_calls/1, under_load/1,
          order_kept/1,
          links_and_monitors/1, unlink_and_relink/1, one_cluster/1, identity/1,
-         refused_by_policy/1, stop_and_rejoin/1]).
+         refused_by_policy/1, beam_node_restarted/1, stop_and_rejoin/1]).
 %% run on the nodes under test
 -export([echo_loop/0, report_loop/1]).
 
@@ -26,7 +26,8 @@ suite() ->
 
 all() ->
     [ping_both_ways, calls_both_ways, big_messages, many_calls, under_load, order_kept, links_and_monitors,
-     unlink_and_relink, one_cluster, identity, refused_by_policy, stop_and_rejoin].
+     unlink_and_relink, one_cluster, identity, refused_by_policy, beam_node_restarted,
+     stop_and_rejoin].
 
 init_per_suite(Config) ->
     Config1 = tsdist_ct:start_tailnet(Config),
@@ -255,6 +256,31 @@ refused_by_policy(Config) ->
         ?assertMatch({error, _}, peer:call(A, erl_epmd, names, ["omega"], 15000))
     after
         tsdist_ct:stop_ergo_node(Closed)
+    end.
+
+%% A BEAM node killed outright (no FIN reaches the Go node) and started
+%% again under the same name reconnects at once, as with OTP peers: ergo
+%% alone keeps the dead connection until its keepalive gives up (60 s) and
+%% refuses the new one meanwhile.
+beam_node_restarted(Config) ->
+    {C1, _} = tsdist_ct:start_node(Config, c, "gamma"),
+    ?assertEqual(pong, peer:call(C1, net_adm, ping, [?ERGO], 15000)),
+    #{helper_os_pid := Helper} = peer:call(C1, tailscale_helper, info, []),
+    Beam = peer:call(C1, os, getpid, []),
+    _ = os:cmd("kill -9 " ++ Beam ++ " " ++ integer_to_list(Helper)),
+    catch peer:stop(C1),
+    %% A new device (new keys, new tailnet address), as an ephemeral node
+    %% restarted gets: nothing answers the old connection with a reset.
+    Fresh = filename:join([?config(run_dir, Config), "state", "gamma-again"]),
+    {C2, _} = tsdist_ct:start_node([{env, [{"TS_STATE_DIR", Fresh}]} | Config], c, "gamma"),
+    try
+        T0 = erlang:monotonic_time(millisecond),
+        tsdist_ct:wait_until(fun() -> peer:call(C2, net_adm, ping, [?ERGO], 15000) =:= pong end, 300),
+        ct:log("the restarted c@gamma got pong from the Go node ~b ms after it was up",
+               [erlang:monotonic_time(millisecond) - T0]),
+        ?assertEqual(pong, probe_call(C2, {ping, 'c@gamma'}))
+    after
+        peer:stop(C2)
     end.
 
 %% Stopping the Go node is a nodedown on the Erlang side; started again,

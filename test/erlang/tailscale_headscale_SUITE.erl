@@ -89,10 +89,10 @@ tagged_nodes_join(Config) ->
     %% The Go (ergo) member joins the same way: the tagged ephemeral key,
     %% admitting tag:erlang only.
     T0 = erlang:monotonic_time(millisecond),
-    Go = tsdist_ct:start_ergo_node([{env, keyed(Config, tagged_ephemeral)} | Config], "go@delta", []),
+    Go = tsdist_ct:start_ergo_node([{env, keyed(Config, tagged_ephemeral)} | Config], "go@gopher", []),
     ct:pal("Go node boot with its tailnet join against Headscale: ~p ms", [erlang:monotonic_time(millisecond) - T0]),
     persistent_term:put({?MODULE, ergo}, Go),
-    add_member(#{node => 'go@delta', peer => undefined, kind => ergo}),
+    add_member(#{node => 'go@gopher', peer => undefined, kind => ergo}),
     ct:pal("node boot with its tailnet join against Headscale (helper start, key registration, "
            "first netmap): ~p ms", [[Ms || {_, Ms} <- Joins]]),
     Nodes = headscale_nodes(Config),
@@ -102,7 +102,7 @@ tagged_nodes_join(Config) ->
          ?assertEqual(true, maps:get(<<"online">>, N)),
          ?assertEqual(true, maps:get(<<"ephemeral">>, N, false) orelse
                             maps:get(<<"ephemeral">>, maps:get(<<"pre_auth_key">>, N, #{}), false))
-     end || Host <- [<<"alpha">>, <<"beta">>, <<"delta">>]].
+     end || Host <- [<<"alpha">>, <<"beta">>, <<"gopher">>]].
 
 %% Discovery, on tags alone, connects the members with no host list.
 discovery_forms_cluster(_Config) ->
