@@ -164,12 +164,7 @@ run_pair(C, R, Ctx) ->
     {BootA, A, _NA} = boot(C, tag(C, R, "a"), Ctx),
     {BootB, B, NB} = boot(C, tag(C, R, "b"), Ctx),
     try
-        Setup = call(A, ping, [NB]),
-        {RttMed, RttP99} = call(A, rtt, [NB, maps:get(pings, Ctx)]),
-        _ = call(A, stream, [NB, 64, maps:get(msgs, Ctx) div 10]),
-        Msg64 = call(A, stream, [NB, 64, maps:get(msgs, Ctx)]),
-        _ = call(A, stream, [NB, 1 bsl 20, 2]),
-        Mib = call(A, stream, [NB, 1 bsl 20, maps:get(mibs, Ctx)]),
+        {Setup, RttMed, RttP99, Msg64, Mib} = workloads(A, NB, rtt, stream, Ctx),
         {BeamPid, HelperPid} = call(A, pids, []),
         Busy = [{beam_rss_mb, rss_mb(BeamPid)}] ++ [{helper_rss_mb, rss_mb(HelperPid)} || HelperPid =/= undefined],
         timer:sleep(maps:get(rest, Ctx)),
@@ -203,12 +198,7 @@ run_ergo(C, R, Ctx) ->
     {os_pid, GoPid} = erlang:port_info(Port, os_pid),
     try
         BootGo = await_ready(Port, Go),
-        Setup = call(A, ping, [Go]),
-        {RttMed, RttP99} = call(A, rtt_ergo, [Go, maps:get(pings, Ctx)]),
-        _ = call(A, stream_ergo, [Go, 64, maps:get(msgs, Ctx) div 10]),
-        Msg64 = call(A, stream_ergo, [Go, 64, maps:get(msgs, Ctx)]),
-        _ = call(A, stream_ergo, [Go, 1 bsl 20, 2]),
-        Mib = call(A, stream_ergo, [Go, 1 bsl 20, maps:get(mibs, Ctx)]),
+        {Setup, RttMed, RttP99, Msg64, Mib} = workloads(A, Go, rtt_ergo, stream_ergo, Ctx),
         {BeamPid, _} = call(A, pids, []),
         Busy = [{beam_rss_mb, rss_mb(BeamPid)}, {helper_rss_mb, rss_mb(GoPid)}],
         timer:sleep(maps:get(rest, Ctx)),
@@ -239,6 +229,18 @@ await_ready(Port, Go) ->
     after 60000 ->
             error({go_node_not_ready, Go})
     end.
+
+%% The pair workloads, from the node of peer A to node To, whose echo and
+%% sink Rtt and Stream (functions of this module) reach: set-up, round
+%% trips, then 64-byte and 1 MiB streams, each after a warm-up.
+workloads(A, To, Rtt, Stream, Ctx) ->
+    Setup = call(A, ping, [To]),
+    {RttMed, RttP99} = call(A, Rtt, [To, maps:get(pings, Ctx)]),
+    _ = call(A, Stream, [To, 64, maps:get(msgs, Ctx) div 10]),
+    Msg64 = call(A, Stream, [To, 64, maps:get(msgs, Ctx)]),
+    _ = call(A, Stream, [To, 1 bsl 20, 2]),
+    Mib = call(A, Stream, [To, 1 bsl 20, maps:get(mibs, Ctx)]),
+    {Setup, RttMed, RttP99, Msg64, Mib}.
 
 run_mesh(C, R, N, Ctx) ->
     Tags = [tag(C, R, "m" ++ integer_to_list(N) ++ [$a + I - 1]) || I <- lists:seq(1, N)],
