@@ -240,6 +240,7 @@ func Start(ctx context.Context, name, cookie string, opts Options) (_ *Node, err
 		return nil, err
 	}
 	n.wg.Go(func() { n.acceptLoop() })
+	n.wg.Go(func() { carrier.ReleaseMemory(nctx) })
 	n.reg, err = n.registry.Register(epmd.Node{
 		Name: alive, Port: n.port, Type: epmd.NodeTypeNormal, Protocol: epmd.ProtocolTCP,
 		HighestVersion: 6, LowestVersion: 5,

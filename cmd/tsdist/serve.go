@@ -109,7 +109,7 @@ func runServe(args []string) error {
 	if *exitWithStdin {
 		go stopOnStdinClose(stop, say)
 	}
-	go releaseMemory(ctx)
+	go carrier.ReleaseMemory(ctx)
 
 	srv := control.NewServer(node, version, say)
 	srv.SetPolicy(policy)

@@ -1,4 +1,4 @@
-package main
+package carrier
 
 import (
 	"context"
@@ -8,9 +8,9 @@ import (
 	"time"
 )
 
-// Returning memory after bursts of traffic.
+// Returning memory after bursts of traffic (ReleaseMemory).
 //
-// Every packet in flight through the node holds a 64 KiB wireguard-go
+// Every packet in flight through a node holds a 64 KiB wireguard-go
 // message buffer, whatever its size, so a bulk transfer grows the heap by
 // tens of MB of buffers. When it ends they sit in sync.Pools, and the heap
 // goal stays at twice the peak, until a GC happens to run: with little
@@ -18,7 +18,7 @@ import (
 // rest kept 100+ MB resident after a transfer (docs/BENCHMARKS.md). Every
 // releaseEvery, if the heap holds more than releaseAbove and less than
 // quietAllocs were allocated since the last look (the burst is over), the
-// helper collects twice (a pool's buffers go on the second) and returns
+// process collects twice (a pool's buffers go on the second) and returns
 // the free memory to the OS: a few milliseconds, once per burst.
 const (
 	releaseEvery = 2 * time.Second
@@ -26,7 +26,11 @@ const (
 	quietAllocs  = 8 << 20
 )
 
-func releaseMemory(ctx context.Context) {
+// ReleaseMemory returns the process's free memory to the operating system
+// after each burst of traffic, until ctx is done. It acts on the whole
+// process: a program that runs tailnet nodes runs it once (the tsdist
+// helper and ergonode do).
+func ReleaseMemory(ctx context.Context) {
 	sample := []metrics.Sample{
 		{Name: "/gc/heap/allocs:bytes"},
 		{Name: "/memory/classes/heap/objects:bytes"},
