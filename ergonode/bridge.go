@@ -256,8 +256,9 @@ func (b *bridge) identity(peer string) (carrier.Identity, bool) {
 }
 
 // close closes every tailnet connection and the trigger listener, and
-// waits for the bridge's goroutines.
-func (b *bridge) close() {
+// waits for the bridge's goroutines. It returns how many connections it
+// closed.
+func (b *bridge) close() int {
 	b.mu.Lock()
 	b.closed = true
 	close(b.arrived)
@@ -275,6 +276,7 @@ func (b *bridge) close() {
 		c.Close()
 	}
 	b.wg.Wait()
+	return len(sessions)
 }
 
 // listenHandshake is the Handshake of ergo's (loopback) listener: it runs

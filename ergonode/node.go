@@ -103,6 +103,10 @@ type Options struct {
 // resolveTimeout bounds one EPMD lookup of a peer over the tailnet.
 const resolveTimeout = 10 * time.Second
 
+// finGrace is how long Stop keeps the tailnet up after closing the node's
+// connections, for their FINs to get out (the helper waits as long).
+const finGrace = 300 * time.Millisecond
+
 // Node is an ergo node on a tailnet. Its embedded node.Node is the ergo
 // node itself: spawn processes, send, link and monitor with it as usual.
 type Node struct {
@@ -267,8 +271,11 @@ func (n *Node) Stop() {
 			n.Node.Wait()
 		}
 		n.cancel()
-		if n.bridge != nil {
-			n.bridge.close()
+		if n.bridge != nil && n.bridge.close() > 0 {
+			// Peers learn that their connections ended from the FINs
+			// just sent; leaving the tailnet at once would drop them,
+			// and BEAM peers would notice only at their net_ticktime.
+			time.Sleep(finGrace)
 		}
 		if n.epmdSrv != nil {
 			n.epmdSrv.Close()
