@@ -514,13 +514,27 @@ func (n *Node) rawStatus(ctx context.Context) (*ipnstate.Status, error) {
 // DialAddr is [Node.Dial] for an address of the form "host:port", the shape
 // that dial hooks such as epmd.Client's take.
 func (n *Node) DialAddr(ctx context.Context, addr string) (net.Conn, error) {
-	host, port, err := net.SplitHostPort(addr)
+	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, fmt.Errorf("carrier: dial %q: %w", addr, err)
 	}
+	port, err := AddrPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("carrier: dial: %w", err)
+	}
+	return n.Dial(ctx, host, port)
+}
+
+// AddrPort returns the port of an address of the form "host:port", such as
+// a listener's (net.Listener.Addr().String()).
+func AddrPort(addr string) (uint16, error) {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return 0, fmt.Errorf("address %q: %w", addr, err)
+	}
 	p, err := strconv.ParseUint(port, 10, 16)
 	if err != nil {
-		return nil, fmt.Errorf("carrier: dial %q: bad port: %w", addr, err)
+		return 0, fmt.Errorf("address %q: bad port: %w", addr, err)
 	}
-	return n.Dial(ctx, host, uint16(p))
+	return uint16(p), nil
 }

@@ -430,8 +430,8 @@ func (c *client) listen(req Request) {
 		return
 	}
 	port := req.Port
-	if ap, err := netipPort(ln.Addr()); err == nil {
-		port = ap
+	if ap, err := carrier.AddrPort(ln.Addr().String()); err == nil {
+		port = int(ap)
 	}
 	s.mu.Lock()
 	if s.closed || c.ctx.Err() != nil {
@@ -444,14 +444,6 @@ func (c *client) listen(req Request) {
 	// The answer goes first, so no accept event precedes it.
 	c.reply(req.ID, ListenResult{Port: port}, nil)
 	s.wg.Go(func() { c.acceptLoop(ln, port) })
-}
-
-func netipPort(a net.Addr) (int, error) {
-	_, p, err := net.SplitHostPort(a.String())
-	if err != nil {
-		return 0, err
-	}
-	return strconv.Atoi(p)
 }
 
 func (c *client) unlisten(req Request) {

@@ -47,9 +47,10 @@ func (s *session) close() { s.once.Do(func() { s.tailnet.Close() }) }
 
 // bridge pairs ergo's loopback sockets with tailnet connections.
 type bridge struct {
-	n        *Node
-	ergoAddr string       // ergo's loopback listener, once it has registered
-	trigger  net.Listener // the loopback listener that ergo's dials reach
+	n           *Node
+	ergoAddr    string       // ergo's loopback listener, once it has registered
+	trigger     net.Listener // the loopback listener that ergo's dials reach
+	triggerPort uint16
 
 	mu       sync.Mutex
 	closed   bool
@@ -69,7 +70,7 @@ func newBridge(n *Node) (*bridge, error) {
 		return nil, fmt.Errorf("ergonode: loopback listener for ergo's dials: %w", err)
 	}
 	b := &bridge{
-		n: n, trigger: ln, arrived: make(chan struct{}),
+		n: n, trigger: ln, triggerPort: uint16(ln.Addr().(*net.TCPAddr).Port), arrived: make(chan struct{}),
 		waiting: map[string]*session{}, byDial: map[string]*session{},
 		handed: map[lib.NetReadWriter]*session{}, byName: map[string]*session{},
 		sessions: map[*session]struct{}{}, loops: map[net.Conn]struct{}{},
@@ -418,14 +419,10 @@ func (r *registrar) Resolve(peername string) (node.Route, error) {
 	if err != nil {
 		return node.Route{}, fmt.Errorf("ergonode: resolving %s: %w", peername, err)
 	}
-	port, err := portOf(r.n.bridge.trigger.Addr())
-	if err != nil {
-		return node.Route{}, err
-	}
 	return node.Route{
 		Node: peername,
 		Host: "127.0.0.1",
-		Port: port,
+		Port: r.n.bridge.triggerPort,
 		Options: node.RouteOptions{Handshake: &dialHandshake{
 			inner: r.handshake, b: r.n.bridge, host: host, port: ep.Port, peer: peername,
 		}},

@@ -197,7 +197,7 @@ func (c *repairConn) process() error {
 // them here). It either handles the frame whole (done) or passes its
 // head to ready and leaves the rest to stream through (inLeft).
 func (c *repairConn) startIncoming(size int, avail []byte) (done bool, err error) {
-	kind, headLen, atoms, seq, fragID, err := frameHead(avail, &c.inCache, true)
+	kind, headLen, atoms, seq, fragID, err := frameHead(avail, &c.inCache)
 	if err != nil {
 		return false, err
 	}
@@ -294,7 +294,7 @@ func (s *walkState) observe(chunk []byte, refs *longRefs) {
 // frameHead parses the head of a non-empty frame: its kind, the length of
 // everything before the terms, the atoms its header references, and for
 // fragments the sequence and fragment ids. The atom cache is updated.
-func frameHead(f []byte, cache *atomTable, incoming bool) (kind byte, headLen int, atoms []string, seq, fragID uint64, err error) {
+func frameHead(f []byte, cache *atomTable) (kind byte, headLen int, atoms []string, seq, fragID uint64, err error) {
 	if len(f) < 1 {
 		return 0, 0, nil, 0, 0, errIncomplete
 	}
@@ -527,7 +527,7 @@ func (c *repairConn) drainFrames(out []byte) ([]byte, error) {
 			continue
 		}
 		if size > maxHeldFrame {
-			kind, headLen, _, seq, _, err := frameHead(c.wbuf[4:min(len(c.wbuf), 4+size)], &c.outCache, false)
+			kind, _, _, seq, _, err := frameHead(c.wbuf[4:min(len(c.wbuf), 4+size)], &c.outCache)
 			if errors.Is(err, errIncomplete) {
 				break
 			}
@@ -541,7 +541,6 @@ func (c *repairConn) drainFrames(out []byte) ([]byte, error) {
 			if kind == kindNextFrag {
 				delete(c.outFrags, seq)
 			}
-			_ = headLen
 			n := min(len(c.wbuf), 4+size)
 			out = append(out, c.wbuf[:n]...)
 			c.streamLeft = 4 + size - n
@@ -560,15 +559,12 @@ func (c *repairConn) drainFrames(out []byte) ([]byte, error) {
 		}
 		c.wbuf = c.wbuf[4+size:]
 	}
-	if len(c.wbuf) == 0 {
-		c.wbuf = c.wbuf[:0]
-	}
 	return out, nil
 }
 
 // repairOutgoing appends frame f of ergo's, repaired, with its length.
 func (c *repairConn) repairOutgoing(out []byte, f []byte) ([]byte, error) {
-	kind, headLen, atoms, seq, fragID, err := frameHead(f, &c.outCache, false)
+	kind, headLen, atoms, seq, fragID, err := frameHead(f, &c.outCache)
 	if err != nil {
 		return out, fmt.Errorf("ergonode: ergo sent a frame this layer cannot parse: %w", err)
 	}

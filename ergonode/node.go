@@ -55,7 +55,6 @@ import (
 	"log"
 	"net"
 	"os"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -205,11 +204,9 @@ func Start(ctx context.Context, name, cookie string, opts Options) (_ *Node, err
 	if n.distLn, err = tn.Listen(opts.Port); err != nil {
 		return nil, fmt.Errorf("ergonode: distribution listener on the tailnet: %w", err)
 	}
-	ap, err := portOf(n.distLn.Addr())
-	if err != nil {
-		return nil, err
+	if n.port, err = carrier.AddrPort(n.distLn.Addr().String()); err != nil {
+		return nil, fmt.Errorf("ergonode: distribution listener: %w", err)
 	}
-	n.port = ap
 	if n.bridge, err = newBridge(n); err != nil {
 		return nil, err
 	}
@@ -330,17 +327,4 @@ func (n *Node) acceptLoop() {
 			}
 		})
 	}
-}
-
-// portOf returns the port of a listener's address.
-func portOf(a net.Addr) (uint16, error) {
-	_, port, err := net.SplitHostPort(a.String())
-	if err != nil {
-		return 0, fmt.Errorf("ergonode: listener address %v: %w", a, err)
-	}
-	p, err := strconv.ParseUint(port, 10, 16)
-	if err != nil {
-		return 0, fmt.Errorf("ergonode: listener address %v: %w", a, err)
-	}
-	return uint16(p), nil
 }
