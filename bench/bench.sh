@@ -2,7 +2,7 @@
 # The benchmark (make bench): every carrier, the same workloads, one
 # interleaved run on this machine; then docs/BENCHMARKS.md and
 # docs/benchmarks.png from its results. See bench/tsdist_bench.erl for what
-# is measured and how.
+# is measured and how (and bench/tsdist_bench_peer.erl for what its nodes run).
 #
 #   bash bench/bench.sh            # the full run (5 repeats, meshes of 2, 4, 8)
 #   BENCH_QUICK=1 bash bench/bench.sh   # the smoke run `make test` does:
@@ -27,7 +27,10 @@ doc=${BENCH_DOC-docs/BENCHMARKS.md}
 
 go build -o bin/tsnetbench ./bench/tsnetbench
 mkdir -p _build/bench "$out"
-erlc -o _build/bench bench/tsdist_bench.erl bench/bench_epmd.erl bench/bench_report.erl
+# The orchestrator (tsdist_bench), what its peer nodes run (tsdist_bench_peer:
+# every peer has _build/bench on its code path), the loopback EPMD module of
+# the TCP and TLS nodes (bench_epmd), and the report (bench_report).
+erlc -o _build/bench bench/tsdist_bench.erl bench/tsdist_bench_peer.erl bench/bench_epmd.erl bench/bench_report.erl
 
 if [ -n "$doc" ] && ! command -v gnuplot >/dev/null; then
 	echo "bench: installing gnuplot (Debian's gnuplot-nox) for the plot"

@@ -4,8 +4,8 @@
 %%% Carriers: inet_tcp_dist on loopback, inet_tls_dist on loopback with
 %%% mutual certificate verification, tailscale_dist over the offline
 %%% tailnet, raw tsnet Go to Go between two helper processes
-%%% (bench/tsnetbench), and ergo to BEAM over the tailnet (not available
-%%% until the ergo adapter's example exists; see ergo/1). Each repeat runs
+%%% (bench/tsnetbench), and a BEAM node to a Go node over the tailnet
+%%% (ergonode, run as test/ergoprobe; see run_ergo/3). Each repeat runs
 %%% every carrier once, in an order rotated per repeat, so slow drift of a
 %%% noisy machine spreads over all of them; the report gives medians with
 %%% min and max over the repeats.
@@ -21,13 +21,16 @@
 %%% and 8 fresh nodes: every node connects to every other at once, timed
 %%% until each sees all others.
 %%%
+%%% This module is the orchestrator, on a node of its own that is not
+%%% distributed; what the benchmark's nodes run (the echo and sink
+%%% processes, the timed loops) is tsdist_bench_peer, called on them with
+%%% peer:call/5.
+%%%
 %%% The environment sets it up (bench/bench.sh documents it); it writes
 %%% results.json and results.tsv to BENCH_OUT, and prints a summary.
 -module(tsdist_bench).
 
 -export([main/0]).
-%% run on the benchmark's nodes
--export([echo/0, sink/2, ping/1, rtt/2, rtt_ergo/2, stream/3, stream_ergo/3, mesh_join/2, pids/0]).
 
 -define(COOKIE, "tsdist_bench_cookie").
 -define(CALL_TIMEOUT, 180000).
@@ -231,7 +234,7 @@ await_ready(Port, Go) ->
     end.
 
 %% The pair workloads, from the node of peer A to node To, whose echo and
-%% sink Rtt and Stream (functions of this module) reach: set-up, round
+%% sink Rtt and Stream (functions of tsdist_bench_peer) reach: set-up, round
 %% trips, then 64-byte and 1 MiB streams, each after a warm-up.
 workloads(A, To, Rtt, Stream, Ctx) ->
     Setup = call(A, ping, [To]),
@@ -326,8 +329,9 @@ stop_node(P) ->
     catch peer:stop(P),
     ok.
 
+%% Runs tsdist_bench_peer:F(Args...) on the node of peer P.
 call(P, F, Args) ->
-    peer:call(P, ?MODULE, F, Args, ?CALL_TIMEOUT).
+    peer:call(P, tsdist_bench_peer, F, Args, ?CALL_TIMEOUT).
 
 free_port() ->
     {ok, L} = gen_tcp:listen(0, [{ip, {127, 0, 0, 1}}]),
@@ -527,104 +531,3 @@ tsv_value(V) when is_float(V) -> float_to_list(V, [{decimals, 3}]);
 tsv_value(V) when is_integer(V) -> integer_to_list(V);
 tsv_value(undefined) -> "";
 tsv_value(V) -> string:replace(lists:flatten(io_lib:format("~ts", [V])), "\t", " ", all).
-
-%%% On the benchmark's nodes
-
-%% Microseconds to connect to Node (the first net_adm:ping).
--spec ping(node()) -> non_neg_integer().
-ping(Node) ->
-    {T, pong} = timer:tc(net_adm, ping, [Node]),
-    T.
-
--spec echo() -> ok.
-echo() ->
-    receive
-        {From, Msg} -> From ! {self(), Msg}, echo();
-        stop -> ok
-    end.
-
-%% Round trips of a 64-byte message to a process on Node: {median, p99}
-%% in microseconds, after 100 to warm up.
--spec rtt(node(), pos_integer()) -> {float(), float()}.
-rtt(Node, N) ->
-    rtt_with(spawn(Node, ?MODULE, echo, []), N).
-
-%% rtt/2 against the echo process of a Go node (test/ergoprobe).
--spec rtt_ergo(node(), pos_integer()) -> {float(), float()}.
-rtt_ergo(Node, N) ->
-    rtt_with(gen_server:call({probe, Node}, {echo_process}), N).
-
-rtt_with(Echo, N) ->
-    Msg = binary:copy(<<"p">>, 64),
-    Once = fun() ->
-                   T0 = erlang:monotonic_time(nanosecond),
-                   Echo ! {self(), Msg},
-                   receive {Echo, _} -> ok end,
-                   erlang:monotonic_time(nanosecond) - T0
-           end,
-    _ = [Once() || _ <- lists:seq(1, 100)],
-    Ts = lists:sort([Once() || _ <- lists:seq(1, N)]),
-    Echo ! stop,
-    {lists:nth(N div 2 + 1, Ts) / 1000, lists:nth(max(1, (N * 99) div 100), Ts) / 1000}.
-
-%% Microseconds for N messages of Size bytes from here to a process on
-%% Node, until it has received them all.
--spec stream(node(), pos_integer(), pos_integer()) -> non_neg_integer().
-stream(Node, Size, N) ->
-    stream_to(spawn(Node, ?MODULE, sink, [self(), N]), Size, N).
-
-%% stream/3 to the counting sink of a Go node (test/ergoprobe).
--spec stream_ergo(node(), pos_integer(), pos_integer()) -> non_neg_integer().
-stream_ergo(Node, Size, N) ->
-    stream_to(gen_server:call({probe, Node}, {sink, self(), N}), Size, N).
-
-stream_to(Sink, Size, N) ->
-    Bin = binary:copy(<<"x">>, Size),
-    T0 = erlang:monotonic_time(microsecond),
-    send_n(Sink, Bin, N),
-    receive {sink_done, Sink} -> ok end,
-    erlang:monotonic_time(microsecond) - T0.
-
-send_n(_, _, 0) -> ok;
-send_n(To, Msg, N) -> To ! Msg, send_n(To, Msg, N - 1).
-
--spec sink(pid(), non_neg_integer()) -> ok.
-sink(From, N) ->
-    sink_loop(N),
-    From ! {sink_done, self()},
-    ok.
-
-sink_loop(0) -> ok;
-sink_loop(N) -> receive _ -> sink_loop(N - 1) end.
-
-%% Connects to every node in Others at once (again every 500 ms while one
-%% is missing) and returns the OS time, in microseconds, when all are
-%% connected.
--spec mesh_join([node()], pos_integer()) -> integer().
-mesh_join(Others, Timeout) ->
-    Deadline = erlang:monotonic_time(millisecond) + Timeout,
-    mesh_join(Others, Deadline, 0).
-
-mesh_join(Others, Deadline, Round) ->
-    case Others -- nodes() of
-        [] ->
-            os:system_time(microsecond);
-        Missing ->
-            erlang:monotonic_time(millisecond) < Deadline orelse error({mesh_incomplete, Missing}),
-            _ = [spawn(net_kernel, connect_node, [N]) || Round rem 50 =:= 0, N <- Missing],
-            timer:sleep(10),
-            mesh_join(Others, Deadline, Round + 1)
-    end.
-
-%% This node's OS pid and its helper's (undefined for TCP and TLS).
--spec pids() -> {integer(), integer() | undefined}.
-pids() ->
-    Helper = case erlang:function_exported(tailscale_helper, info, 0)
-                 orelse code:ensure_loaded(tailscale_helper) =:= {module, tailscale_helper} of
-                 true ->
-                     try maps:get(helper_os_pid, tailscale_helper:info())
-                     catch _:_ -> undefined
-                     end;
-                 false -> undefined
-             end,
-    {list_to_integer(os:getpid()), Helper}.

@@ -1,0 +1,113 @@
+%%% What the benchmark's nodes run: the peers that bench/tsdist_bench.erl
+%%% starts (with `peer', one pair or mesh of fresh nodes per carrier and
+%%% repeat) have this module on their code path (BENCH_EBIN, where
+%%% bench/bench.sh compiles it), and the orchestrator calls it there with
+%%% peer:call/5. Nothing here runs on the orchestrator's own node.
+%%%
+%%% On node A of a pair: ping/1 (connection set-up), rtt/2 and stream/3
+%%% against B's echo/0 and sink/2 (spawned on B from here), or rtt_ergo/2
+%%% and stream_ergo/3 against the echo and counting sink of a Go node
+%%% (test/ergoprobe's `probe' gen server); on every node of a mesh,
+%%% mesh_join/2; and pids/0 for the memory readings.
+-module(tsdist_bench_peer).
+
+-export([echo/0, sink/2, ping/1, rtt/2, rtt_ergo/2, stream/3, stream_ergo/3, mesh_join/2, pids/0]).
+
+%% Microseconds to connect to Node (the first net_adm:ping).
+-spec ping(node()) -> non_neg_integer().
+ping(Node) ->
+    {T, pong} = timer:tc(net_adm, ping, [Node]),
+    T.
+
+-spec echo() -> ok.
+echo() ->
+    receive
+        {From, Msg} -> From ! {self(), Msg}, echo();
+        stop -> ok
+    end.
+
+%% Round trips of a 64-byte message to a process on Node: {median, p99}
+%% in microseconds, after 100 to warm up.
+-spec rtt(node(), pos_integer()) -> {float(), float()}.
+rtt(Node, N) ->
+    rtt_with(spawn(Node, ?MODULE, echo, []), N).
+
+%% rtt/2 against the echo process of a Go node (test/ergoprobe).
+-spec rtt_ergo(node(), pos_integer()) -> {float(), float()}.
+rtt_ergo(Node, N) ->
+    rtt_with(gen_server:call({probe, Node}, {echo_process}), N).
+
+rtt_with(Echo, N) ->
+    Msg = binary:copy(<<"p">>, 64),
+    Once = fun() ->
+                   T0 = erlang:monotonic_time(nanosecond),
+                   Echo ! {self(), Msg},
+                   receive {Echo, _} -> ok end,
+                   erlang:monotonic_time(nanosecond) - T0
+           end,
+    _ = [Once() || _ <- lists:seq(1, 100)],
+    Ts = lists:sort([Once() || _ <- lists:seq(1, N)]),
+    Echo ! stop,
+    {lists:nth(N div 2 + 1, Ts) / 1000, lists:nth(max(1, (N * 99) div 100), Ts) / 1000}.
+
+%% Microseconds for N messages of Size bytes from here to a process on
+%% Node, until it has received them all.
+-spec stream(node(), pos_integer(), pos_integer()) -> non_neg_integer().
+stream(Node, Size, N) ->
+    stream_to(spawn(Node, ?MODULE, sink, [self(), N]), Size, N).
+
+%% stream/3 to the counting sink of a Go node (test/ergoprobe).
+-spec stream_ergo(node(), pos_integer(), pos_integer()) -> non_neg_integer().
+stream_ergo(Node, Size, N) ->
+    stream_to(gen_server:call({probe, Node}, {sink, self(), N}), Size, N).
+
+stream_to(Sink, Size, N) ->
+    Bin = binary:copy(<<"x">>, Size),
+    T0 = erlang:monotonic_time(microsecond),
+    send_n(Sink, Bin, N),
+    receive {sink_done, Sink} -> ok end,
+    erlang:monotonic_time(microsecond) - T0.
+
+send_n(_, _, 0) -> ok;
+send_n(To, Msg, N) -> To ! Msg, send_n(To, Msg, N - 1).
+
+-spec sink(pid(), non_neg_integer()) -> ok.
+sink(From, N) ->
+    sink_loop(N),
+    From ! {sink_done, self()},
+    ok.
+
+sink_loop(0) -> ok;
+sink_loop(N) -> receive _ -> sink_loop(N - 1) end.
+
+%% Connects to every node in Others at once (again every 500 ms while one
+%% is missing) and returns the OS time, in microseconds, when all are
+%% connected.
+-spec mesh_join([node()], pos_integer()) -> integer().
+mesh_join(Others, Timeout) ->
+    Deadline = erlang:monotonic_time(millisecond) + Timeout,
+    mesh_join(Others, Deadline, 0).
+
+mesh_join(Others, Deadline, Round) ->
+    case Others -- nodes() of
+        [] ->
+            os:system_time(microsecond);
+        Missing ->
+            erlang:monotonic_time(millisecond) < Deadline orelse error({mesh_incomplete, Missing}),
+            _ = [spawn(net_kernel, connect_node, [N]) || Round rem 50 =:= 0, N <- Missing],
+            timer:sleep(10),
+            mesh_join(Others, Deadline, Round + 1)
+    end.
+
+%% This node's OS pid and its helper's (undefined for TCP and TLS).
+-spec pids() -> {integer(), integer() | undefined}.
+pids() ->
+    Helper = case erlang:function_exported(tailscale_helper, info, 0)
+                 orelse code:ensure_loaded(tailscale_helper) =:= {module, tailscale_helper} of
+                 true ->
+                     try maps:get(helper_os_pid, tailscale_helper:info())
+                     catch _:_ -> undefined
+                     end;
+                 false -> undefined
+             end,
+    {list_to_integer(os:getpid()), Helper}.
