@@ -94,7 +94,7 @@ func (p Policy) Allow(self, peer carrier.Identity) (ok bool, why string) {
 	switch {
 	case p.any:
 		return true, "every peer is allowed"
-	case p.owner && sameOwner(self, peer):
+	case p.owner && self.SameOwner(peer):
 		return true, "same owner"
 	case peer.User != "" && slices.Contains(p.users, strings.ToLower(peer.User)):
 		return true, "user " + peer.User + " is allowed"
@@ -108,23 +108,12 @@ func (p Policy) Allow(self, peer carrier.Identity) (ok bool, why string) {
 	if slices.Contains(p.hosts, strings.ToLower(peer.Node)) || (host != "" && slices.Contains(p.hosts, host)) {
 		return true, "host " + peer.Node + " is allowed"
 	}
-	return false, fmt.Sprintf("%s (%s) matches no rule of %q", peer.Node, owner(peer), p.text)
+	return false, fmt.Sprintf("%s (%s) matches no rule of %q", peer.Node, Owner(peer), p.text)
 }
 
-func sameOwner(self, peer carrier.Identity) bool {
-	if len(self.Tags) > 0 {
-		for _, t := range peer.Tags {
-			if slices.Contains(self.Tags, t) {
-				return true
-			}
-		}
-		return false
-	}
-	return self.User != "" && len(peer.Tags) == 0 && strings.EqualFold(self.User, peer.User)
-}
-
-// owner describes who a peer belongs to: its user, or its tags.
-func owner(id carrier.Identity) string {
+// Owner describes who a device belongs to, for messages: its user, or
+// its tags.
+func Owner(id carrier.Identity) string {
 	if len(id.Tags) > 0 {
 		return "tags " + strings.Join(id.Tags, ",")
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"sync"
 	"time"
 
@@ -12,8 +13,23 @@ import (
 	"tailscale.com/types/logger"
 )
 
-// ErrDenied is returned by [Gate.Admit] for a peer outside the access policy.
+// ErrDenied is returned (wrapped) by [Gate.Admit] and [Gate.Check] for a
+// peer outside the access policy.
 var ErrDenied = errors.New("access: peer not allowed")
+
+// DeniedError is the error of [Gate.Check] for a device the policy does not
+// admit. It matches ErrDenied.
+type DeniedError struct {
+	// Peer is the device refused.
+	Peer carrier.Identity
+	// Why is the policy's reason ("beta (user x) matches no rule of ...").
+	Why string
+}
+
+func (e *DeniedError) Error() string { return ErrDenied.Error() + ": " + e.Why }
+
+// Unwrap makes a DeniedError match ErrDenied.
+func (e *DeniedError) Unwrap() error { return ErrDenied }
 
 // Tunables of a Gate.
 const (
@@ -26,10 +42,10 @@ const (
 	selfTTL = 2 * time.Second
 )
 
-// Gate applies a [Policy] to the connections a tailnet node accepts. The
-// tsdist helper puts one in front of every listener it hands to a BEAM
-// node and in front of its EPMD; the ergo adapter does the same for the Go
-// node. It is safe for concurrent use.
+// Gate applies a [Policy] to the devices a tailnet node exchanges bytes
+// with: the connections it accepts ([Gate.Admit], [Gate.Guard]) and the
+// devices it dials or asks for names ([Gate.Check], through package host).
+// It is safe for concurrent use.
 type Gate struct {
 	node *carrier.Node
 	logf logger.Logf
@@ -38,15 +54,17 @@ type Gate struct {
 	policy   Policy
 	self     carrier.Identity
 	selfTime time.Time
+	refusals map[string]*refusalLog // by device
 }
 
 // NewGate returns a Gate for node with the [Default] policy. logf receives
-// one line per refused peer (and per policy change); nil discards them.
+// the refusals (rate-limited per device, see [Gate.Check]) and policy
+// changes; nil discards them.
 func NewGate(node *carrier.Node, logf logger.Logf) *Gate {
 	if logf == nil {
 		logf = logger.Discard
 	}
-	return &Gate{node: node, logf: logf, policy: MustParse(Default)}
+	return &Gate{node: node, logf: logf, policy: MustParse(Default), refusals: map[string]*refusalLog{}}
 }
 
 // SetPolicy replaces the policy. It takes effect for the next connection;
@@ -66,28 +84,124 @@ func (g *Gate) Policy() Policy {
 }
 
 // Admit looks up who is at the other end of an accepted tailnet connection
-// and checks the policy. A peer that is not allowed, or has no tailnet
-// identity, gets an error wrapping [ErrDenied] and a log line that says who
-// and why (what names the port, for that line); the caller closes the
-// connection before any byte of it goes anywhere.
+// and checks the policy (see [Gate.Check]). A peer that is not allowed, or
+// has no tailnet identity, gets an error wrapping [ErrDenied]; the caller
+// closes the connection before any byte of it goes anywhere. what names
+// the port, for the log.
 func (g *Gate) Admit(ctx context.Context, conn net.Conn, what string) (carrier.Identity, error) {
 	ctx, cancel := context.WithTimeout(ctx, whoIsTime)
 	defer cancel()
 	peer, err := g.node.WhoIs(ctx, conn.RemoteAddr().String())
 	if err != nil {
-		g.logf("access: refused %v on %s: no tailnet identity: %v", conn.RemoteAddr(), what, err)
+		g.refused(conn.RemoteAddr().String(), "refused %v on %s: no tailnet identity: %v", conn.RemoteAddr(), what, err)
 		return carrier.Identity{}, fmt.Errorf("%w: %v has no tailnet identity: %v", ErrDenied, conn.RemoteAddr(), err)
 	}
+	return peer, g.Check(ctx, peer, "on "+what)
+}
+
+// Check applies the policy to a device: one the node accepted a
+// connection from, or one it is about to dial or ask for names. This node
+// itself is always allowed. A refusal wraps [ErrDenied] and is logged, at
+// most once a minute per device (with a count of the refusals not logged);
+// what says where, for that line ("on EPMD", "for a dial to beta").
+func (g *Gate) Check(ctx context.Context, peer carrier.Identity, what string) error {
 	self, err := g.selfIdentity(ctx)
 	if err != nil {
-		g.logf("access: refused %s (%s) on %s: this node's own identity is unknown: %v", peer.Node, peer.Addr, what, err)
-		return peer, fmt.Errorf("%w: %v", ErrDenied, err)
+		g.refused(peer.Node, "refused %s (%s) %s: this node's own identity is unknown: %v", peer.Node, peer.Addr, what, err)
+		return fmt.Errorf("%w: %v", ErrDenied, err)
+	}
+	if isSelf(self, peer) {
+		return nil
 	}
 	if ok, why := g.Policy().Allow(self, peer); !ok {
-		g.logf("access: refused %s (%s, user %q, tags %v) on %s: %s", peer.Node, peer.Addr, peer.User, peer.Tags, what, why)
-		return peer, fmt.Errorf("%w: %s", ErrDenied, why)
+		g.refused(peer.DNSName+peer.Node, "refused %s (%s, user %q, tags %v) %s: %s", peer.Node, peer.Addr, peer.User, peer.Tags, what, why)
+		return &DeniedError{Peer: peer, Why: why}
 	}
-	return peer, nil
+	return nil
+}
+
+// Allowed reports whether the policy admits a device, as Check does but
+// without logging: for marking the peers of a listing.
+func (g *Gate) Allowed(ctx context.Context, peer carrier.Identity) bool {
+	self, err := g.selfIdentity(ctx)
+	if err != nil {
+		return false
+	}
+	ok, _ := g.Policy().Allow(self, peer)
+	return ok || isSelf(self, peer)
+}
+
+// isSelf reports whether peer is this node: a connection from one of its
+// own addresses (two BEAM nodes sharing a helper), or its own name.
+func isSelf(self, peer carrier.Identity) bool {
+	for _, ip := range peer.IPs {
+		if slices.Contains(self.IPs, ip) {
+			return true
+		}
+	}
+	if host, _, err := net.SplitHostPort(peer.Addr); err == nil && slices.Contains(self.IPs, host) {
+		return true
+	}
+	return false
+}
+
+// Refusal logging: every tailnet peer can make a node refuse it, as often as
+// it likes, so the log gets one line per device per refusalLogEvery, and a
+// count of the others with the next line.
+const (
+	refusalLogEvery = time.Minute
+	// refusalKeys bounds the devices remembered; past it the oldest half
+	// is forgotten (they are then logged again).
+	refusalKeys = 1024
+)
+
+type refusalLog struct {
+	last   time.Time
+	hidden int // refusals since last that were not logged
+}
+
+func (g *Gate) refused(key, format string, args ...any) {
+	g.mu.Lock()
+	now := time.Now()
+	r := g.refusals[key]
+	if r != nil && now.Sub(r.last) < refusalLogEvery {
+		r.hidden++
+		g.mu.Unlock()
+		return
+	}
+	hidden, since := 0, time.Duration(0)
+	if r == nil {
+		if len(g.refusals) >= refusalKeys {
+			g.forgetOldRefusals()
+		}
+		r = &refusalLog{}
+		g.refusals[key] = r
+	} else {
+		hidden, since = r.hidden, now.Sub(r.last)
+	}
+	r.last, r.hidden = now, 0
+	g.mu.Unlock()
+	line := fmt.Sprintf(format, args...)
+	if hidden > 0 {
+		line += fmt.Sprintf(" (and %d more refusals of it in the last %v, not logged)", hidden, since.Round(time.Second))
+	}
+	g.logf("access: %s", line)
+}
+
+// forgetOldRefusals drops the older half of the remembered devices; g.mu is
+// held.
+func (g *Gate) forgetOldRefusals() {
+	times := make([]time.Time, 0, len(g.refusals))
+	for _, r := range g.refusals {
+		times = append(times, r.last)
+	}
+	slices.SortFunc(times, time.Time.Compare)
+	cut := times[len(times)/2]
+	for k, r := range g.refusals {
+		if r.last.Before(cut) {
+			delete(g.refusals, k)
+		}
+	}
 }
 
 // selfIdentity is this node's own identity, as the policy compares it.

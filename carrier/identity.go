@@ -33,6 +33,21 @@ type Identity struct {
 	IPs []string `json:"ips"`
 }
 
+// SameOwner reports whether two devices belong to the same owner: both
+// tagged and sharing a tag (a tagged device belongs to its tags), or both
+// untagged and owned by the same user. The relation is symmetric.
+func (id Identity) SameOwner(other Identity) bool {
+	if len(id.Tags) > 0 || len(other.Tags) > 0 {
+		for _, t := range other.Tags {
+			if slices.Contains(id.Tags, t) {
+				return true
+			}
+		}
+		return false
+	}
+	return id.User != "" && strings.EqualFold(id.User, other.User)
+}
+
 // WhoIs returns the identity of the tailnet peer at addr (a tailnet IP, with
 // or without a port). It fails, wrapping [ErrUnknownHost], when addr belongs
 // to no node of the tailnet.
@@ -96,6 +111,14 @@ type Peer struct {
 	// Relay is the DERP region this node reaches the peer through when
 	// there is no direct path (or would, were there traffic).
 	Relay string `json:"relay"`
+	// Allowed tells whether the access policy of this node admits the
+	// peer. The carrier knows no policy: package host fills it in.
+	Allowed bool `json:"allowed"`
+}
+
+// Identity is the peer's identity, as a policy judges it (Addr is empty).
+func (p Peer) Identity() Identity {
+	return Identity{Node: p.Node, DNSName: p.DNSName, User: p.User, Tags: p.Tags, IPs: p.IPs}
 }
 
 // Status is the node's view of the tailnet.
@@ -187,8 +210,11 @@ const peerPoll = 2 * time.Second
 // WatchPeers calls fn with the node's peers (as in [Status], without the
 // ever-changing Direct and Relay) once the node is Running, and again after
 // every change, until ctx ends or the node stops; it returns why it
-// stopped. fn runs on WatchPeers's goroutine, one call at a time.
-func (n *Node) WatchPeers(ctx context.Context, fn func([]Peer)) error {
+// stopped. annotate, if not nil, fills in what the carrier does not know
+// (Allowed) before peers are compared with the last report, so a change
+// it makes is reported too (within peerPoll). fn runs on WatchPeers's
+// goroutine, one call at a time.
+func (n *Node) WatchPeers(ctx context.Context, annotate, fn func([]Peer)) error {
 	lc, err := n.local()
 	if err != nil {
 		return err
@@ -225,6 +251,9 @@ func (n *Node) WatchPeers(ctx context.Context, fn func([]Peer)) error {
 		peers := st.Peers
 		for i := range peers {
 			peers[i].Direct, peers[i].Relay = "", ""
+		}
+		if annotate != nil {
+			annotate(peers)
 		}
 		if last == nil || !reflect.DeepEqual(peers, last) {
 			last = peers

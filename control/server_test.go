@@ -14,8 +14,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tsdist/tsdist/access"
 	"github.com/tsdist/tsdist/carrier"
 	"github.com/tsdist/tsdist/devnet"
+	"github.com/tsdist/tsdist/host"
 	"github.com/tsdist/tsdist/internal/nettest"
 )
 
@@ -26,24 +28,26 @@ import (
 
 // idleNode is a node whose coordination server is unreachable: it never
 // reaches Running.
-func idleNode(t *testing.T) *carrier.Node {
+func idleNode(t *testing.T) *host.Host {
 	t.Helper()
-	carrier.KeepToLoopback()
-	n, err := carrier.New(carrier.Config{
-		Hostname:   "idle",
-		ControlURL: "http://127.0.0.1:1",
-		Dir:        t.TempDir(),
-		Ephemeral:  true,
+	h, err := host.New(host.Config{
+		Tailnet: carrier.Config{
+			Hostname:   "idle",
+			ControlURL: "http://127.0.0.1:1",
+			Dir:        t.TempDir(),
+			Ephemeral:  true,
+		},
+		Policy: access.MustParse(access.Default),
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { n.Close() })
-	return n
+	t.Cleanup(func() { h.Close() })
+	return h
 }
 
 // serve runs a Server for node on a fresh socket and returns its path.
-func serve(t *testing.T, node *carrier.Node) (string, *Server) {
+func serve(t *testing.T, node *host.Host) (string, *Server) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "c.sock")
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
@@ -372,28 +376,33 @@ func TestServerClientsAndStats(t *testing.T) {
 
 // The tests below need a real tailnet: the offline one, on loopback.
 
-func startTailnet(t *testing.T, ctx context.Context, hostnames ...string) []*carrier.Node {
+// startTailnet starts the offline tailnet, each device its own user's, and
+// a host on it for each hostname, with the policy "*".
+func startTailnet(t *testing.T, ctx context.Context, hostnames ...string) []*host.Host {
 	t.Helper()
 	dn, err := devnet.Start(ctx, devnet.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(dn.Close)
-	var nodes []*carrier.Node
-	for _, h := range hostnames {
-		n, err := carrier.New(carrier.Config{Hostname: h, ControlURL: dn.ControlURL, Dir: t.TempDir(), Ephemeral: true})
+	var nodes []*host.Host
+	for _, name := range hostnames {
+		h, err := host.New(host.Config{
+			Tailnet: carrier.Config{Hostname: name, ControlURL: dn.ControlURL, Dir: t.TempDir(), Ephemeral: true},
+			Policy:  access.MustParse("*"),
+		})
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { n.Close() })
-		if err := n.Up(ctx); err != nil {
+		t.Cleanup(func() { h.Close() })
+		if err := h.Up(ctx); err != nil {
 			t.Fatal(err)
 		}
-		nodes = append(nodes, n)
+		nodes = append(nodes, h)
 	}
 	// Wait until the first node sees all the others.
 	for {
-		st, err := nodes[0].Status(ctx)
+		st, err := nodes[0].Node().Status(ctx)
 		if err == nil && len(st.Peers) == len(nodes)-1 {
 			break
 		}
@@ -416,7 +425,7 @@ func TestServerDialFreesInFlightSlot(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	nodes := startTailnet(t, ctx, "alpha", "beta")
-	ln, err := nodes[1].Listen(4369)
+	ln, err := nodes[1].Node().Listen(7)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -425,7 +434,7 @@ func TestServerDialFreesInFlightSlot(t *testing.T) {
 	rc := dialRaw(t, path)
 	rc.hello()
 	for i := range MaxInFlight {
-		m := rc.call(fmt.Sprintf(`{"id":%d,"op":"dial","host":"beta","port":4369}`, 100+i))
+		m := rc.call(fmt.Sprintf(`{"id":%d,"op":"dial","host":"beta","port":7}`, 100+i))
 		if !m.OK || !m.FD || m.file == nil {
 			t.Fatalf("dial %d: %s", i, m.raw)
 		}

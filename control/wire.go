@@ -86,6 +86,7 @@ const (
 	CodeNameTaken     = "name_taken"          // register of a name a live registration holds
 	CodeNotRegistered = "not_registered"      // no node of that name on that host
 	CodeEPMDFailed    = "epmd_failed"         // the host's EPMD could not be reached or answered badly
+	CodeNotAllowed    = "not_allowed"         // the host is a device the access policy does not admit; nothing was sent to it
 )
 
 // Request is a client's request. Which fields matter depends on Op; unknown
@@ -149,6 +150,9 @@ type Event struct {
 type Error struct {
 	Code    string `json:"code"`
 	Message string `json:"message"`
+	// Peer is the device found, for not_allowed: who the name would have
+	// meant had the policy admitted it.
+	Peer *carrier.Identity `json:"peer,omitempty"`
 }
 
 func (e *Error) Error() string { return e.Code + ": " + e.Message }
@@ -211,6 +215,9 @@ type NodeInfo struct {
 type NamesResult struct {
 	Host  string           `json:"host"`
 	Names []epmd.NameEntry `json:"names"` // sorted as the host's EPMD sent them
+	// Dropped counts the entries left out: names EPMD does not accept, and
+	// those past host.MaxNames.
+	Dropped int `json:"dropped,omitempty"`
 }
 
 // Stats is the result of stats: the helper's own resource use, for

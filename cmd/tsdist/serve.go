@@ -16,16 +16,15 @@ import (
 	"github.com/tsdist/tsdist/access"
 	"github.com/tsdist/tsdist/carrier"
 	"github.com/tsdist/tsdist/control"
-	"github.com/tsdist/tsdist/epmd"
-	"tailscale.com/feature/buildfeatures"
-	"tailscale.com/types/logger"
+	"github.com/tsdist/tsdist/host"
 )
 
 func runServe(args []string) error {
 	fs := newFlagSet("serve", "--hostname NAME [flags]")
 	hostname := fs.String("hostname", envOr("", "TS_HOSTNAME"), "the node's tailnet `name` (env TS_HOSTNAME); required")
 	controlURL := fs.String("control-url", envOr("", "TS_CONTROL_URL"), "coordination server `URL` (env TS_CONTROL_URL); empty means Tailscale's")
-	authKey := fs.String("authkey", envOr("", "TS_AUTHKEY", "TS_AUTH_KEY"), "auth `key` to join without a person (env TS_AUTHKEY); without one, a login URL is printed")
+	authKey := fs.String("authkey", "", "auth `key` to join without a person; visible to every local user in the process list: prefer env TS_AUTHKEY or --authkey-file. Without a key, a login URL is printed")
+	authKeyFile := fs.String("authkey-file", envOr("", "TS_AUTHKEY_FILE"), "read the auth key from `file`, which must not be readable by group or others (env TS_AUTHKEY_FILE)")
 	stateDir := fs.String("state-dir", envOr("", "TS_STATE_DIR"), "`dir` for the node's keys and login (env TS_STATE_DIR); default $XDG_STATE_HOME/tsdist/NAME or ~/.local/state/tsdist/NAME")
 	ephemeral := fs.Bool("ephemeral", envOr("", "TS_EPHEMERAL") == "true" || envOr("", "TS_EPHEMERAL") == "1", "remove the node from the tailnet when it goes offline and keep no state on disk (env TS_EPHEMERAL=1)")
 	tags := fs.String("tags", envOr("", "TS_TAGS"), "comma-separated ACL `tags` to advertise, e.g. tag:erlang (env TS_TAGS)")
@@ -33,7 +32,7 @@ func runServe(args []string) error {
 	localOnly := fs.Bool("local-only", false, "keep every packet on loopback (implied when the control URL is on loopback)")
 	verbose := fs.Bool("verbose", false, "print tailscale's own logs to stderr")
 	allow := fs.String("allow", envOr(access.Default, "TSDIST_ALLOW"), "which tailnet peers may reach this node and its EPMD: comma-separated `rules` owner, user:LOGIN, tag:NAME, host:NAME, * (env TSDIST_ALLOW)")
-	pprofAddr := fs.String("pprof", envOr("", "TSDIST_PPROF"), "serve Go's profiler on `addr`, a Unix socket path or a loopback host:port (env TSDIST_PPROF); off by default")
+	pprofAddr := fs.String("pprof", envOr("", "TSDIST_PPROF"), "serve Go's profiler on the Unix socket `path` (made 0600; env TSDIST_PPROF); off by default")
 	exitWithStdin := fs.Bool("exit-with-stdin", false, "shut down when standard input closes, so a parent that starts the helper as a port program takes it down when it dies")
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -49,8 +48,9 @@ func runServe(args []string) error {
 	if err != nil {
 		return usageError{err}
 	}
-	if *localOnly || carrier.IsLoopbackURL(*controlURL) {
-		carrier.KeepToLoopback()
+	key, err := readAuthKey(*authKey, *authKeyFile)
+	if err != nil {
+		return usageError{err}
 	}
 	if *stateDir == "" {
 		d, err := defaultStateDir(*hostname)
@@ -70,6 +70,9 @@ func runServe(args []string) error {
 	}
 
 	say := log.New(os.Stderr, "tsdist["+*hostname+"]: ", 0).Printf
+	if *authKey != "" {
+		say("warning: --authkey puts the auth key in the process list, where every local user can read it; use env TS_AUTHKEY or --authkey-file")
+	}
 	if *pprofAddr != "" {
 		stopPprof, err := servePprof(*pprofAddr, say)
 		if err != nil {
@@ -77,63 +80,51 @@ func runServe(args []string) error {
 		}
 		defer stopPprof()
 	}
-	cfg := carrier.Config{
-		Hostname:   *hostname,
-		ControlURL: *controlURL,
-		AuthKey:    *authKey,
-		Dir:        *stateDir,
-		Ephemeral:  *ephemeral,
-		Tags:       tagList,
-		UserLogf:   say,
+	cfg := host.Config{
+		Tailnet: carrier.Config{
+			Hostname:   *hostname,
+			ControlURL: *controlURL,
+			AuthKey:    key,
+			Dir:        *stateDir,
+			Ephemeral:  *ephemeral,
+			Tags:       tagList,
+			UserLogf:   say,
+		},
+		Policy:    policy,
+		LocalOnly: *localOnly,
+		Logf:      say,
 	}
 	if *verbose {
-		cfg.Logf = log.New(os.Stderr, "tsdist["+*hostname+"] tailscale: ", log.Lmicroseconds).Printf
+		cfg.Tailnet.Logf = log.New(os.Stderr, "tsdist["+*hostname+"] tailscale: ", log.Lmicroseconds).Printf
 	}
-	if buildfeatures.HasPeerAPIServer {
-		say("warning: built without -tags ts_omit_peerapiserver, so tailscale's PeerAPI will hold a TCP port open on this host (it answers tailnet peers only); build with `make build` to leave it out")
-	}
-	node, err := carrier.New(cfg)
+	h, err := host.New(cfg)
 	if err != nil {
 		return err
 	}
-	defer closeNode(node, say)
+	defer h.Close()
 
-	ln, err := listenControl(*socket)
+	ln, sockInfo, err := listenControl(*socket)
 	if err != nil {
 		return err
 	}
-	defer os.Remove(*socket)
+	defer removeIfSame(*socket, sockInfo)
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	if *exitWithStdin {
 		go stopOnStdinClose(stop, say)
 	}
-	go carrier.ReleaseMemory(ctx)
 
-	srv := control.NewServer(node, version, say)
-	srv.SetPolicy(policy)
-	served := make(chan error, 2) // the control socket's and EPMD's
+	srv := control.NewServer(h, version, say)
+	// Closed before the host, whose Close lets the carried connections'
+	// last packets out.
+	defer srv.Close()
+	served := make(chan error, 1)
 	go func() { served <- fmt.Errorf("control socket: %w", srv.Serve(ln)) }()
-	defer func() {
-		srv.Close()
-		// Peers learn that their connections ended from the FIN or RST
-		// the node sends; closing the node at once would drop those, and
-		// peers would find out only at their next keepalive (a BEAM
-		// node: net_ticktime).
-		if wait := finGrace - time.Since(srv.LastCarried()); wait > 0 {
-			time.Sleep(wait)
-		}
-	}()
-
-	// Every tailnet peer can reach the EPMD port, so its complaints are
-	// rate-limited: a flood of bad requests must not flood the log.
-	epmdSrv := &epmd.Server{Registry: srv.Registry(), Logf: logger.RateLimitedFn(say, time.Minute, 20, 100)}
-	defer epmdSrv.Close()
 
 	upErr := make(chan error, 1)
 	start := time.Now()
-	go func() { upErr <- node.Up(ctx) }()
+	go func() { upErr <- h.Up(ctx) }()
 	for {
 		select {
 		case err := <-upErr:
@@ -144,7 +135,7 @@ func runServe(args []string) error {
 				return err
 			}
 			upErr = nil
-			st, err := node.Status(ctx)
+			st, err := h.Node().Status(ctx)
 			if err != nil {
 				return err
 			}
@@ -153,19 +144,12 @@ func runServe(args []string) error {
 			if st.Self.Node != "" && !strings.EqualFold(st.Self.Node, *hostname) {
 				say("note: the tailnet named this node %s, not %s: another node holds that name, most likely an earlier run of this one "+
 					"that did not log out (an ephemeral node stays until the control server's inactivity timeout, a persistent one until it is removed). "+
-					"Peers still reach this node as %s (online nodes win), but its MagicDNS name is %s; "+
+					"Peers of the same owner still reach this node as %s (see docs/security.md, names), but its MagicDNS name is %s; "+
 					"remove the stale node (Headscale: headscale nodes delete; Tailscale: the admin console) and reuse the state dir (or --ephemeral) to avoid it",
 					st.Self.Node, *hostname, *hostname, st.Self.DNSName)
 			}
-			epmdLn, err := node.Listen(epmd.DefaultPort)
-			if err != nil {
-				return fmt.Errorf("EPMD on the tailnet: %w", err)
-			}
-			go func() {
-				if err := epmdSrv.Serve(srv.Guard(epmdLn, "EPMD")); !errors.Is(err, epmd.ErrServerClosed) {
-					served <- fmt.Errorf("EPMD on the tailnet: %w", err)
-				}
-			}()
+		case err := <-h.Failed():
+			return err
 		case err := <-served:
 			return err
 		case <-ctx.Done():
@@ -175,53 +159,51 @@ func runServe(args []string) error {
 	}
 }
 
-// finGrace is how long shutdown lets connections that just ended send their
-// last packets.
-const finGrace = 300 * time.Millisecond
-
-// nodeCloseTime bounds how long shutdown waits for the node to close.
-const nodeCloseTime = 3 * time.Second
-
-// closeNode closes the node, giving up after nodeCloseTime: tsnet's Close
-// can block for good. (tailscale v1.102.5: netstack's Close stops draining
-// its 512-packet outbound queue, then aborts every TCP endpoint still
-// connected, TIME_WAIT ones included, each abort queueing a RST; with more
-// than 512 such endpoints, as after a burst of closed connections, the
-// 513th waits forever.) The process is about to exit, which releases
-// whatever the node still holds.
-func closeNode(node *carrier.Node, say func(string, ...any)) {
-	done := make(chan struct{})
-	go func() {
-		node.Close()
-		close(done)
-	}()
-	select {
-	case <-done:
-	case <-time.After(nodeCloseTime):
-		say("the tailnet node did not close within %v; exiting anyway", nodeCloseTime)
+// readAuthKey returns the auth key given by flag, else read from file,
+// else from the environment (TS_AUTHKEY, or TS_AUTH_KEY as tailscale
+// spells it too). A key file readable by others is refused: it is the
+// tailnet's word that this machine may join.
+func readAuthKey(flagKey, file string) (string, error) {
+	if flagKey != "" {
+		return flagKey, nil
 	}
+	if file == "" {
+		return envOr("", "TS_AUTHKEY", "TS_AUTH_KEY"), nil
+	}
+	fi, err := os.Stat(file)
+	if err != nil {
+		return "", fmt.Errorf("--authkey-file: %w", err)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		return "", fmt.Errorf("--authkey-file %s: mode %04o lets other users read the key; chmod 600 it", file, fi.Mode().Perm())
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return "", fmt.Errorf("--authkey-file: %w", err)
+	}
+	key := strings.TrimSpace(string(b))
+	if key == "" {
+		return "", fmt.Errorf("--authkey-file %s is empty", file)
+	}
+	return key, nil
 }
 
-// listenControl creates the control socket at path: in a directory only
-// this user can enter, with mode 0600. A stale socket from a helper that
-// died is replaced; a live one is an error.
-func listenControl(path string) (*net.UnixListener, error) {
+// listenControl creates the control socket at path, with mode 0600, in a
+// directory of this user's own (see checkSocketDir), and returns it with
+// the socket file's identity, for removeIfSame. A stale socket from a
+// helper that died is replaced; a live one is an error.
+func listenControl(path string) (*net.UnixListener, os.FileInfo, error) {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("control socket dir: %w", err)
+		return nil, nil, fmt.Errorf("control socket dir: %w", err)
 	}
-	// The default directory is tsdist's own: make sure an older one is
-	// private too. A directory the user chose is left as it is; the
-	// socket's own 0600 mode still keeps other users out.
-	if dir == runtimeDir() {
-		if err := os.Chmod(dir, 0o700); err != nil {
-			return nil, fmt.Errorf("control socket dir: %w", err)
-		}
+	if err := checkSocketDir(dir, dir == runtimeDir()); err != nil {
+		return nil, nil, err
 	}
-	if _, err := os.Stat(path); err == nil {
+	if _, err := os.Lstat(path); err == nil {
 		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 			c.Close()
-			return nil, fmt.Errorf("another helper is already serving %s", path)
+			return nil, nil, fmt.Errorf("another helper is already serving %s", path)
 		}
 		os.Remove(path)
 	}
@@ -229,8 +211,54 @@ func listenControl(path string) (*net.UnixListener, error) {
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	syscall.Umask(old)
 	if err != nil {
-		return nil, fmt.Errorf("control socket: %w", err)
+		return nil, nil, fmt.Errorf("control socket: %w", err)
 	}
 	ln.SetUnlinkOnClose(false) // removed by serve itself, after shutdown
-	return ln, nil
+	fi, err := os.Lstat(path)
+	if err != nil {
+		ln.Close()
+		return nil, nil, fmt.Errorf("control socket: %w", err)
+	}
+	return ln, fi, nil
+}
+
+// checkSocketDir refuses a control socket directory that another local user
+// could have prepared: a symbolic link, or not owned by this user. The
+// socket hands out this node's tailnet connections and identity, and a BEAM
+// node attaches to whatever listens at the default path, so a squatter
+// there would receive its dials. tsdist's own default directory (own) is
+// also made private (0700) if an older run left it otherwise.
+func checkSocketDir(dir string, own bool) error {
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return fmt.Errorf("control socket dir: %w", err)
+	}
+	if fi.Mode()&os.ModeSymlink != 0 {
+		return fmt.Errorf("control socket dir %s is a symbolic link; refusing it (use a real directory of your own)", dir)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("control socket dir %s is not a directory", dir)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fmt.Errorf("control socket dir %s: no owner information", dir)
+	}
+	if me := os.Getuid(); int(st.Uid) != me {
+		return fmt.Errorf("control socket dir %s belongs to uid %d, not to this user (uid %d); another user may have created it: remove it, or set XDG_RUNTIME_DIR or --socket", dir, st.Uid, me)
+	}
+	if own && fi.Mode().Perm() != 0o700 {
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return fmt.Errorf("control socket dir: %w", err)
+		}
+	}
+	return nil
+}
+
+// removeIfSame removes the control socket at path if it is still the file
+// listenControl made: a newer helper may have replaced it since (after
+// finding this one unresponsive), and its socket must stay.
+func removeIfSame(path string, made os.FileInfo) {
+	if now, err := os.Lstat(path); err == nil && os.SameFile(now, made) {
+		os.Remove(path)
+	}
 }
