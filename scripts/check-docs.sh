@@ -5,7 +5,8 @@
 #   1. Every setting the code reads is in docs/configuration.md:
 #      - the flags of the tsdist commands (fs.String("name", ...),
 #        fs.BoolVar(&v, "name", ...) and the like in cmd/tsdist/*.go),
-#        written there as `--name`;
+#        written there as `--name`, and the environment variables the
+#        helper reads (envOr(..., "VAR"), os.Getenv("VAR"));
 #      - the `tsdist` application keys and OS environment variables the
 #        Erlang side reads (config(key, "ENV", ...) in any erlang_src/*.erl,
 #        whichever module holds it, application:get_env(tsdist, key),
@@ -56,7 +57,14 @@ for f in cmd/tsdist/*.go; do
 	done
 done
 
-# 1b. What the Erlang side reads.
+# 1b. The environment variables the helper reads (envOr(default, "VAR",
+# ...) and os.Getenv("VAR") in cmd/tsdist/*.go).
+goenv=$(for f in cmd/tsdist/*.go; do case $f in *_test.go) ;; *) cat "$f" ;; esac; done |
+	grep -oE 'envOr\([^)]*\)|os\.(Getenv|LookupEnv)\("[A-Z][A-Z0-9_]*"' | grep -oE '"[A-Z][A-Z0-9_]*"' | tr -d '"' | sort -u)
+echo "check-docs: environment variables (cmd/tsdist/*.go): $(echo $goenv | sed 's/ /, /g')"
+for e in $goenv; do in_conf "environment variable" "$e" "cmd/tsdist/*.go" "(^|[^A-Za-z0-9_])$e([^A-Za-z0-9_]|\$)"; done
+
+# 1c. What the Erlang side reads.
 erl=$(flatten_erl erlang_src/*.erl)
 pairs=$(grep -oE '\bconfig\( *[a-z][a-z0-9_]* *, *"[A-Z][A-Z0-9_]*"' <<<"$erl" |
 	sed -E 's/config\( *([a-z0-9_]+) *, *"([A-Z0-9_]+)"/\1 \2/' | sort -u)
@@ -70,7 +78,7 @@ echo "check-docs: environment variables (erlang_src/*.erl): $(echo $envs | sed '
 for k in $keys; do in_conf "tsdist key" "$k" "erlang_src/*.erl" "\`$k[\` ]"; done
 for e in $envs; do in_conf "environment variable" "$e" "erlang_src/*.erl" "(^|[^A-Za-z0-9_])$e([^A-Za-z0-9_]|\$)"; done
 
-# 1c. Discovery options, the strategy's options, ergonode.Options.
+# 1d. Discovery options, the strategy's options, ergonode.Options.
 disc=$(flatten_erl erlang_src/tailscale_discovery.erl |
 	grep -oE 'Defaults *= *#\{[^}]*\}' | grep -oE '[a-z][a-z0-9_]* *=>' | sed -E 's/ *=>//' | sort -u)
 [ -n "$disc" ] || problem "found no Defaults = #{...} in erlang_src/tailscale_discovery.erl: has it moved? (update this script)"
@@ -148,4 +156,4 @@ if [ "$problems" -gt 0 ]; then
 	echo "check-docs: FAILED, $problems problem(s) above" >&2
 	exit 1
 fi
-echo "check-docs: ok ($nflags flags, $(wc -w <<<"$keys") keys, $(wc -w <<<"$envs") environment variables, $(wc -w <<<"$disc") discovery options documented; every relative link resolves)"
+echo "check-docs: ok ($nflags flags, $(wc -w <<<"$keys") keys, $(printf "%s\n" $envs $goenv | sort -u | wc -l) environment variables, $(wc -w <<<"$disc") discovery options documented; every relative link resolves)"
