@@ -1,12 +1,22 @@
 %%% Discovery: connect to the nodes of the tailnet that match, as they come.
 %%%
 %%% Follows the helper's view of the tailnet (pushed peers events, see
-%%% tailscale_helper:subscribe/1), picks the peers that match the options
+%%% tailscale_helper:subscribe/1), picks the peers that this node's access
+%%% policy admits (the helper's `allowed') and that match the options
 %%% (tags, a hostname pattern, online), asks each such host's tailnet EPMD
 %%% which nodes run there (so no node basename is assumed), and connects to
 %%% them; nodes that stop matching or leave are disconnected if so
-%%% configured. candidates/2 is the pure part, shared with the Elixir
-%%% libcluster strategy.
+%%% configured. candidates/2 is the part shared with the Elixir libcluster
+%%% strategy.
+%%%
+%%% What a host's EPMD lists is the host's say, so it is checked before
+%%% it becomes an atom: a name must be 1 to 255 letters, digits, `_', `-'
+%%% or `.', the whole `Name@Host' at most 255 bytes, and at most 64 names
+%%% of a host are taken (in the order the helper lists them, which is
+%%% sorted). Names that fail, and those the helper left out, are logged
+%%% once a minute per host with a count. Peers the policy does not admit
+%%% (and, from a helper too old to say, peers without `allowed') are never
+%%% asked for names at all.
 %%%
 %%% From plain Erlang, set the `tsdist' application's `discovery' to a list
 %%% of options and start the application:
@@ -30,9 +40,16 @@
 -behaviour(gen_server).
 
 -export([start_link/1, candidates/2, matching/2, connected/0]).
+%% the checks on what a host's EPMD lists, for the tests
+-export([node_names/3, valid_host/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
 -define(NAMES_TIMEOUT, 5000).
+-define(MAX_NAMES_PER_HOST, 64).
+-define(MAX_NODE_NAME, 255).      % bytes of Name@Host, as an atom allows
+-define(LOG_INTERVAL, 60000).     % one report per host and kind per minute
+-define(MAX_RETRY, 30000).        % the longest pause before connecting again
+-define(PARALLEL, 16).            % names requests or connections at once
 
 -type opts() :: #{tags => [string() | binary()], hostname_pattern => undefined | string() | binary(),
                   online_only => boolean(), disconnect_on_departure => boolean(),
@@ -48,28 +65,55 @@ start_link(Opts) ->
 connected() ->
     gen_server:call(?MODULE, connected).
 
-%% The peers that pass the options' filter (tags, hostname pattern,
-%% online), before any EPMD is asked.
+%% The peers that this node's policy admits (`allowed' true) and that pass
+%% the options' filter (tags, hostname pattern, online), before any EPMD
+%% is asked.
 -spec matching([map()], opts() | [{atom(), term()}]) -> [map()].
 matching(Peers, Opts0) ->
     Opts = options(Opts0),
-    [P || P <- Peers, matches(P, Opts)].
+    [P || P <- Peers, is_map(P), admitted(P), matches(P, Opts)].
 
 %% The nodes to be connected, given the tailnet's peers: every node
 %% registered on the tailnet EPMD of a matching peer (and of this node's own
 %% host), named like node() (short or long names), this node excluded.
+%% Only names that pass the checks above become atoms, at most 64 per host.
+%% Rejected names are logged from the calling process, which keeps the
+%% once-a-minute state in its process dictionary.
 -spec candidates([map()], opts() | [{atom(), term()}]) -> [node()].
 candidates(Peers, Opts0) ->
     Opts = options(Opts0),
     Long = net_kernel:longnames() =:= true,
-    Hosts = [host_of(P, Long) || P <- matching(Peers, Opts)],
+    Hosts = [H || P <- matching(Peers, Opts), H <- host_of(P, Long)],
     Own = case tailscale_helper:hostname() of
               undefined -> [];
               H -> [own_host(H, Long)]
           end,
-    Names = pmap(fun(Host) -> {Host, names(Host)} end, lists:usort(Own ++ Hosts)),
-    lists:usort([list_to_atom(Name ++ "@" ++ Host) || {Host, Ns} <- Names, Name <- Ns])
-        -- [node()].
+    Listed = pmap(fun(Host) -> names(Host) end, {error, down}, lists:usort(Own ++ Hosts)),
+    Names = lists:append([checked_names(Host, Result) || {Host, Result} <- Listed]),
+    [list_to_atom(N) || N <- lists:usort(Names)] -- [node()].
+
+%% The `Name@Host' strings to connect among what Host's EPMD listed (Listed,
+%% in the helper's order) and the helper left out (Dropped), and what was
+%% turned down: `{invalid, Names}' (not a node name, or too long with the
+%% host) and the number beyond the limit per host.
+-spec node_names(string(), [string()], non_neg_integer()) ->
+          {[string()], #{invalid := [string()], over_limit := non_neg_integer(),
+                         dropped := non_neg_integer()}}.
+node_names(Host, Listed, Dropped) ->
+    {Valid, Invalid} = lists:partition(fun(N) -> valid_name(N, Host) end, Listed),
+    Kept = lists:sublist(Valid, ?MAX_NAMES_PER_HOST),
+    {[N ++ "@" ++ Host || N <- Kept],
+     #{invalid => Invalid, over_limit => length(Valid) - length(Kept), dropped => Dropped}}.
+
+%% Whether Host can be the host part of a node name to connect to: DNS
+%% labels (letters, digits, inner hyphens) separated by dots, at most 253
+%% bytes.
+-spec valid_host(string()) -> boolean().
+valid_host(Host) ->
+    is_list(Host) andalso length(Host) =< 253 andalso
+        re:run(Host, "^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                     "(\\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$",
+               [{capture, none}]) =:= match.
 
 %%% gen_server
 
@@ -77,7 +121,7 @@ candidates(Peers, Opts0) ->
 init(Opts) ->
     ok = tailscale_helper:subscribe(self()),
     erlang:send_after(maps:get(rescan_ms, Opts), self(), rescan),
-    {ok, #{opts => Opts, peers => undefined, ours => []}}.
+    {ok, #{opts => Opts, peers => undefined, ours => [], failed => #{}}}.
 
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
 handle_call(connected, _From, #{ours := Ours} = St) ->
@@ -100,10 +144,16 @@ handle_info(_Msg, St) ->
 %% process connected and matches no more.
 converge(#{peers := undefined} = St) ->
     St;
-converge(#{peers := Peers, opts := Opts, ours := Ours} = St) ->
+converge(#{peers := Peers, opts := Opts, ours := Ours, failed := Failed0} = St) ->
     Want = candidates(Peers, Opts),
     Connected = nodes(connected),
-    New = [N || N <- Want, not lists:member(N, Connected), net_kernel:connect_node(N) =:= true],
+    Now = erlang:monotonic_time(millisecond),
+    Attempts = pmap(fun net_kernel:connect_node/1, false,
+                    [N || N <- Want, not lists:member(N, Connected), due(N, Failed0, Now)]),
+    New = [N || {N, true} <- Attempts],
+    Failed = maps:with(Want, lists:foldl(fun({N, true}, F) -> maps:remove(N, F);
+                                            ({N, _}, F) -> failed(N, F, Now, Opts)
+                                         end, Failed0, Attempts)),
     [logger:info("tailscale_discovery: connected ~p", [N]) || N <- New],
     Gone = Ours -- Want,
     case maps:get(disconnect_on_departure, Opts) of
@@ -115,9 +165,88 @@ converge(#{peers := Peers, opts := Opts, ours := Ours} = St) ->
         false ->
             ok
     end,
-    St#{ours := lists:usort([N || N <- Want, lists:member(N, nodes(connected))])}.
+    St#{ours := lists:usort([N || N <- Want, lists:member(N, nodes(connected))]),
+        failed := Failed}.
 
 %%% Internal
+
+%% A candidate that could not be connected is tried again at the next
+%% rescan, then after twice as long each time, up to 30 s: a host that
+%% lists nodes nobody can reach (a stale name, or a lie) costs a connection
+%% attempt, and a log line, per name every 30 s rather than every rescan.
+due(Node, Failed, Now) ->
+    case maps:find(Node, Failed) of
+        {ok, {At, _}} -> Now >= At;
+        error -> true
+    end.
+
+failed(Node, Failed, Now, #{rescan_ms := Rescan}) ->
+    Backoff = case maps:find(Node, Failed) of
+                  {ok, {_, B}} -> min(2 * B, ?MAX_RETRY);
+                  error -> Rescan
+              end,
+    Failed#{Node => {Now + Backoff - 50, Backoff}}.
+
+%% The helper says whether its policy admits a peer. A peer object
+%% without `allowed' comes from a helper older than this module; it is
+%% not admitted (fail closed).
+admitted(#{<<"allowed">> := true}) -> true;
+admitted(#{<<"allowed">> := _}) -> false;
+admitted(_) ->
+    report(no_allowed_field, helper, 1,
+           fun(N) -> io_lib:format("the helper's peers carry no `allowed' (an older tsdist helper?): "
+                                   "~b peer(s) skipped; update bin/tsdist", [N]) end),
+    false.
+
+checked_names(Host, {ok, Listed, Dropped}) ->
+    {Names, #{invalid := Invalid, over_limit := Over, dropped := Dropped}} =
+        node_names(Host, Listed, Dropped),
+    Rejected = length(Invalid) + Over + Dropped,
+    Rejected > 0 andalso
+        report(names, Host, Rejected,
+               fun(N) ->
+                       io_lib:format("~ts's EPMD listed ~b name(s) that will not be connected: "
+                                     "~b not node names (~0tp), ~b beyond the limit of ~b per host, "
+                                     "~b left out by the helper; ~b in all since the last report",
+                                     [Host, Rejected, length(Invalid),
+                                      [string:slice(I, 0, 40) || I <- lists:sublist(Invalid, 3)],
+                                      Over, ?MAX_NAMES_PER_HOST, Dropped, N])
+               end),
+    Names;
+checked_names(Host, {error, Reason}) ->
+    report(names_failed, Host, 1,
+           fun(N) -> io_lib:format("cannot list the nodes of ~ts (~b time(s) since the last report): ~0tp",
+                                   [Host, N, Reason]) end),
+    [].
+
+%% Logs once per Kind and Host a minute, with the Count accumulated
+%% since the last report. The state is in the calling process's
+%% dictionary: this module's process, or the Elixir strategy's.
+report(Kind, Host, Count, Format) ->
+    Key = {?MODULE, report, Kind, Host},
+    Now = erlang:monotonic_time(millisecond),
+    case get(Key) of
+        {Since, Pending} when Now - Since < ?LOG_INTERVAL ->
+            put(Key, {Since, Pending + Count});
+        Previous ->
+            Pending = case Previous of
+                          {_, P} -> P;
+                          undefined -> 0
+                      end,
+            logger:warning("tailscale_discovery: ~ts", [Format(Pending + Count)]),
+            put(Key, {Now, 0})
+    end,
+    true.
+
+%% 1 to 255 bytes of letters, digits, `_', `-' and `.'; with "@Host", at
+%% most 255 bytes, as an atom must be.
+valid_name(Name, Host) ->
+    is_list(Name) andalso Name =/= [] andalso
+        length(Name) + 1 + length(Host) =< ?MAX_NODE_NAME andalso
+        lists:all(fun(C) -> (C >= $a andalso C =< $z) orelse (C >= $A andalso C =< $Z)
+                                orelse (C >= $0 andalso C =< $9)
+                                orelse C =:= $_ orelse C =:= $- orelse C =:= $.
+                  end, Name).
 
 options(Opts) when is_list(Opts) ->
     options(maps:from_list(Opts));
@@ -131,11 +260,14 @@ options(Opts) when is_map(Opts) ->
 
 matches(Peer, #{tags := Tags, hostname_pattern := Pattern, online_only := OnlineOnly}) ->
     Online = not OnlineOnly orelse maps:get(<<"online">>, Peer, false) =:= true,
-    PeerTags = maps:get(<<"tags">>, Peer, []),
+    PeerTags = case maps:get(<<"tags">>, Peer, []) of
+                   L when is_list(L) -> L;
+                   _ -> []
+               end,
     Tagged = Tags =:= [] orelse lists:any(fun(T) -> lists:member(to_bin(T), PeerTags) end, Tags),
     Named = Pattern =:= undefined orelse Pattern =:= nil orelse % nil: from Elixir
         lists:any(fun(Name) -> re:run(Name, Pattern, [{capture, none}]) =:= match end,
-                  [maps:get(<<"node">>, Peer, <<>>), maps:get(<<"hostname">>, Peer, <<>>)]),
+                  [binary_field(<<"node">>, Peer), binary_field(<<"hostname">>, Peer)]),
     Online andalso Tagged andalso Named.
 
 %% The host part of the names of a peer's nodes. A node names itself by
@@ -143,21 +275,31 @@ matches(Peer, #{tags := Tags, hostname_pattern := Pattern, online_only := Online
 %% MagicDNS label unless another node held that name when it joined (most
 %% likely an earlier run of it that never logged out): then the label is
 %% "alpha-1", and the helper resolves "alpha" to the online node.
-host_of(Peer, false) ->
-    binary_to_list(short_host(Peer));
-host_of(Peer, true) ->
-    DNSName = maps:get(<<"dns_name">>, Peer),
-    case binary:split(DNSName, <<".">>) of
-        [_, Suffix] -> binary_to_list(<<(short_host(Peer))/binary, ".", Suffix/binary>>);
-        [_] -> binary_to_list(DNSName)
-    end.
+%% As a list of none or one host: a peer whose names do not make a valid
+%% host is skipped.
+host_of(Peer, Long) ->
+    Host = case Long of
+               false -> short_host(Peer);
+               true ->
+                   DNSName = binary_field(<<"dns_name">>, Peer),
+                   case binary:split(DNSName, <<".">>) of
+                       [_, Suffix] -> <<(short_host(Peer))/binary, ".", Suffix/binary>>;
+                       [_] -> DNSName
+                   end
+           end,
+    [H || H <- [binary_to_list(Host)], valid_host(H)].
 
 short_host(Peer) ->
-    Label = maps:get(<<"node">>, Peer),
-    Hostname = maps:get(<<"hostname">>, Peer, <<>>),
-    case re:run(Hostname, "^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$", [{capture, none}]) of
-        match -> Hostname;
-        nomatch -> Label
+    Hostname = binary_field(<<"hostname">>, Peer),
+    case valid_host(binary_to_list(Hostname)) andalso binary:match(Hostname, <<".">>) =:= nomatch of
+        true -> Hostname;
+        false -> binary_field(<<"node">>, Peer)
+    end.
+
+binary_field(Key, Map) ->
+    case maps:get(Key, Map, <<>>) of
+        B when is_binary(B) -> B;
+        _ -> <<>>
     end.
 
 %% This node's own host, written as its node name writes it.
@@ -168,18 +310,24 @@ own_host(Label, Long) ->
     end.
 
 names(Host) ->
-    case tailscale_helper:names(Host, ?NAMES_TIMEOUT) of
-        {ok, Names} -> [N || {N, _Port} <- Names];
-        {error, _} -> []
+    case tailscale_helper:names_info(Host, ?NAMES_TIMEOUT) of
+        {ok, Names, Dropped} -> {ok, [N || {N, _Port} <- Names], Dropped};
+        {error, _} = E -> E
     end.
 
-%% Asks every host at once: one slow host must not hold up the others.
-pmap(F, Xs) ->
+%% [{X, F(X)}], F run for up to 16 Xs at once: one slow host (or node)
+%% must not hold up the others, and all at once would be more requests
+%% than the helper takes in flight on one connection (64). Default stands
+%% in for an F that crashed.
+pmap(F, Default, Xs) when length(Xs) > ?PARALLEL ->
+    {Now, Later} = lists:split(?PARALLEL, Xs),
+    pmap(F, Default, Now) ++ pmap(F, Default, Later);
+pmap(F, Default, Xs) ->
     Parent = self(),
     Refs = [{spawn_monitor(fun() -> Parent ! {self(), F(X)} end), X} || X <- Xs],
     [receive
-         {Pid, R} -> erlang:demonitor(Ref, [flush]), R;
-         {'DOWN', Ref, process, Pid, _} -> {X, []}
+         {Pid, R} -> erlang:demonitor(Ref, [flush]), {X, R};
+         {'DOWN', Ref, process, Pid, _} -> {X, Default}
      end || {{Pid, Ref}, X} <- Refs].
 
 to_bin(B) when is_binary(B) -> B;

@@ -26,7 +26,7 @@
          accept_connection/5, setup/5, close/1, is_node_name/1,
          setopts/2, getopts/2]).
 %% the tailnet identity of a connected node
--export([identity/1]).
+-export([identity/1, format_address/2]).
 %% internal exports
 -export([accept_loop/2, do_accept/6, do_setup/6]).
 
@@ -180,12 +180,24 @@ do_setup(Kernel, Node, Type, MyNode, LongOrShortNames, SetupTime) ->
                                other_version = Version,
                                request_type = Type},
                     dist_util:handshake_we_started(HSData);
+                {error, {not_allowed, _, Peer}} ->
+                    setup_failed(Node, {not_allowed, Host, who(Peer)});
                 {error, Reason} ->
                     setup_failed(Node, {tailnet_dial, Host, Port, Reason})
             end;
+        {error, {not_allowed, _, Peer}} ->
+            %% The name resolves only to a device this node's policy does
+            %% not admit; the helper sent it nothing.
+            setup_failed(Node, {not_allowed, Host, who(Peer)});
         {error, Reason} ->
             setup_failed(Node, {tailnet_epmd, Host, Reason})
     end.
+
+%% The identity of a refused device, for the log.
+who(Peer) ->
+    maps:from_list([{K, maps:get(atom_to_binary(K), Peer, Default)}
+                    || {K, Default} <- [{user, <<>>}, {node, <<>>}, {dns_name, <<>>},
+                                        {tags, []}, {ips, []}]]).
 
 %% net_kernel says only `pang'; the log says why.
 setup_failed(Node, Reason) ->
@@ -231,8 +243,7 @@ identity(Node) ->
         {ok, Info} ->
             case proplists:get_value(address, Info) of
                 #net_address{address = {IP, Port}, protocol = ?PROTOCOL} when is_tuple(IP) ->
-                    Addr = inet:ntoa(IP) ++ ":" ++ integer_to_list(Port),
-                    case tailscale_helper:whois(Addr) of
+                    case tailscale_helper:whois(format_address(IP, Port)) of
                         {ok, Id} ->
                             {ok, #{user => maps:get(<<"user">>, Id, <<>>),
                                    node => maps:get(<<"node">>, Id, <<>>),
@@ -302,17 +313,25 @@ split_node(Node, LongOrShortNames) ->
 
 %% "100.64.0.2:40001" as {{100,64,0,2}, 40001}; whatever the helper sent if
 %% it does not parse.
-peer_address(#{<<"addr">> := Addr}) ->
+peer_address(#{<<"addr">> := Addr}) when is_binary(Addr) ->
     case string:split(binary_to_list(Addr), ":", trailing) of
-        [Ip, Port] ->
-            case inet:parse_address(string:trim(Ip, both, "[]")) of
-                {ok, IP} -> {IP, list_to_integer(Port)};
-                {error, _} -> Addr
+        [Ip, PortString] ->
+            case {inet:parse_address(string:trim(Ip, both, "[]")), string:to_integer(PortString)} of
+                {{ok, IP}, {Port, []}} when Port >= 0, Port =< 65535 -> {IP, Port};
+                _ -> Addr
             end;
         _ -> Addr
     end;
 peer_address(_) ->
     undefined.
+
+%% "100.64.0.2:40001", or "[fd7a:115c:a1e0::2]:40001" for IPv6, as the
+%% protocol writes addresses.
+-spec format_address(inet:ip_address(), inet:port_number()) -> string().
+format_address(IP, Port) when tuple_size(IP) =:= 8 ->
+    "[" ++ inet:ntoa(IP) ++ "]:" ++ integer_to_list(Port);
+format_address(IP, Port) ->
+    inet:ntoa(IP) ++ ":" ++ integer_to_list(Port).
 
 listen_address(Port) ->
     case tailscale_helper:status() of

@@ -22,28 +22,15 @@
 %%% and restores the node's tailnet listener and EPMD names; until then
 %%% requests fail with {helper_down, Why}.
 %%%
-%%% Configuration, each from the application environment of `tsdist' (in
-%%% sys.config, or `-tsdist Key Value' on the command line) or else from the
-%%% OS environment; the defaults make `erl -proto_dist tailscale
-%%% -start_epmd false -sname app@alpha' enough on its own:
+%%% Starting or attaching to the helper, the socket's path and the checks
+%%% made on both ends of it (its directory, and the uid of the process
+%%% listening there) are tailscale_helper_proc's. Every setting, from the
+%%% `tsdist' application's environment or else the OS environment, is listed
+%%% with its default in docs/configuration.md.
 %%%
-%%%   helper       TSDIST_HELPER   the tsdist executable; default `tsdist'
-%%%                                on $PATH
-%%%   socket       TSDIST_SOCKET   attach to the helper serving this control
-%%%                                socket instead of starting one
-%%%   control_url  TS_CONTROL_URL  coordination server; default Tailscale's
-%%%   authkey      TS_AUTHKEY      auth key
-%%%   state_dir    TS_STATE_DIR    default ./tsdist/HOSTNAME (under the
-%%%                                node's working directory)
-%%%   ephemeral    TS_EPHEMERAL    true or 1 to leave the tailnet on exit
-%%%   tags         TS_TAGS         comma-separated ACL tags to advertise
-%%%   allow        TSDIST_ALLOW    who may reach this node (see the access
-%%%                                package): default "owner", the node's own
-%%%                                user's nodes (or, if it is tagged, nodes
-%%%                                sharing a tag)
-%%%   up_timeout   TSDIST_UP_TIMEOUT  ms to wait for the tailnet at boot;
-%%%                                default 60000 (raise it for an
-%%%                                interactive login)
+%%% Nothing that comes over the control socket becomes an atom: error codes
+%%% map to the fixed set of the protocol (docs/control-protocol.md,
+%%% section 8), and any other code to `unknown_error'.
 %%%
 %%% The tailnet hostname is the host part of the node name (`alpha' for
 %%% `app@alpha' and for `app@alpha.example.ts.net').
@@ -53,22 +40,34 @@
 
 -export([start_link/0, start/1, hostname/0, hello/0, info/0, set_policy/1, subscribe/1,
          listen/1, unlisten/1, set_acceptor/2, dial/3,
-         register_node/3, unregister_node/1, port_please/3, names/2, status/0, whois/1,
-         request/2]).
+         register_node/3, unregister_node/1, port_please/3, names/2, names_info/2,
+         status/0, whois/1, request/2, error_reason/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
+%% for the tests
+-export([hello_exchange/2]).
 
 -type peer() :: #{binary() => term()}.
-%% {Code, Message}: a protocol error code (docs/control-protocol.md,
-%% section 8) as an atom, and the helper's explanation.
--type proto_error() :: {atom(), term()}.
--export_type([peer/0, proto_error/0]).
-
--include_lib("kernel/include/file.hrl").
+%% A protocol error code (docs/control-protocol.md, section 8), as an atom
+%% of this fixed set.
+-type code() :: bad_request | too_large | hello_required | unsupported_version | unknown_op
+              | not_running | unknown_host | dial_failed | timeout | port_in_use
+              | not_listening | invalid_name | name_taken | not_registered | epmd_failed
+              | busy | internal | not_allowed.
+%% {Code, Message}: the code and the helper's explanation. not_allowed
+%% adds the identity of the device the host resolved to (an identity
+%% object, docs/control-protocol.md section 11; #{} if the helper sent
+%% none), and a code outside the set comes as unknown_error with the code
+%% as the helper spelt it.
+-type proto_error() :: {code(), binary()}
+                     | {not_allowed, binary(), peer()}
+                     | {unknown_error, binary(), binary()}.
+-export_type([peer/0, code/0, proto_error/0]).
 
 -define(CTRL_BUF, 64).       % holds CMSG_SPACE of several descriptors
 -define(MAX_FRAME, 16#1000000). % the protocol's MaxResponseSize
+-define(MAX_HELLO, 65536).      % the hello answer is a few hundred bytes
+-define(MAX_FDS, 1024).         % descriptors received ahead of their messages
 -define(CONNECT_TIMEOUT, 10000).
--define(HELPER_EXIT_WAIT, 5000). % longer than the helper's own bounded shutdown
 -define(PROTOCOL_VERSION, 1).
 
 %%% API
@@ -125,7 +124,7 @@ hello() ->
 %% connections go to the process named with set_acceptor/2.
 -spec listen(0..65535) -> {ok, 1..65535} | {error, proto_error()}.
 listen(Port) ->
-    case request(#{op => listen, port => Port, timeout_ms => up_timeout()}, up_timeout() + 5000) of
+    case request(#{op => listen, port => Port, timeout_ms => tailscale_helper_proc:up_timeout()}, tailscale_helper_proc:up_timeout() + 5000) of
         {ok, #{<<"port">> := P}} -> {ok, P};
         {error, _} = E -> E
     end.
@@ -184,9 +183,29 @@ port_please(Name, Host, TimeoutMs) ->
 -spec names(string() | binary(), pos_integer()) ->
           {ok, [{string(), 1..65535}]} | {error, proto_error()}.
 names(Host, TimeoutMs) ->
+    case names_info(Host, TimeoutMs) of
+        {ok, Names, _Dropped} -> {ok, Names};
+        {error, _} = E -> E
+    end.
+
+%% names/2, and how many entries were left out: by the helper (names that
+%% are not EPMD names, or beyond its limit; its `dropped') and here
+%% (entries that are not a UTF-8 name and a port).
+-spec names_info(string() | binary(), pos_integer()) ->
+          {ok, [{string(), 1..65535}], non_neg_integer()} | {error, proto_error()}.
+names_info(Host, TimeoutMs) ->
     case request(#{op => names, host => to_bin(Host), timeout_ms => TimeoutMs}, TimeoutMs + 5000) of
-        {ok, #{<<"names">> := Names}} ->
-            {ok, [{unicode:characters_to_list(N), P} || #{<<"name">> := N, <<"port">> := P} <- Names]};
+        {ok, #{<<"names">> := Names} = Result} when is_list(Names) ->
+            Good = [{L, P} || #{<<"name">> := N, <<"port">> := P} <- Names,
+                              is_binary(N), is_integer(P), P > 0, P < 65536,
+                              L <- [unicode:characters_to_list(N)], is_list(L)],
+            Dropped = case maps:get(<<"dropped">>, Result, 0) of
+                          D when is_integer(D), D >= 0 -> D;
+                          _ -> 0
+                      end,
+            {ok, Good, Dropped + length(Names) - length(Good)};
+        {ok, Other} ->
+            {error, {internal, iolist_to_binary(io_lib:format("names: unexpected result ~0tP", [Other, 8]))}};
         {error, _} = E -> E
     end.
 
@@ -250,9 +269,9 @@ init([]) ->
 
 -spec handle_call(term(), gen_server:from(), #st{}) -> {reply, term(), #st{}} | {noreply, #st{}}.
 handle_call({start, Hostname}, _From, #st{hostname = undefined} = St0) ->
-    case connect(Hostname) of
-        {ok, Sock, Helper} ->
-            case hello_exchange(Sock) of
+    case tailscale_helper_proc:connect(Hostname) of
+        {ok, Sock, Helper, Path} ->
+            case hello_exchange(Sock, Path) of
                 {ok, Hello} ->
                     St = St0#st{sock = Sock, helper = Helper, hostname = Hostname,
                                 hello = Hello, down = undefined},
@@ -261,8 +280,9 @@ handle_call({start, Hostname}, _From, #st{hostname = undefined} = St0) ->
                             {reply, {error, Reason}, stop_and_forget(St)}
                     end;
                 {error, Reason} ->
+                    logger:error("tsdist: cannot reach the tailnet as ~s: ~tp", [Hostname, Reason]),
                     close_control(Sock),
-                    stop_helper(Helper),
+                    tailscale_helper_proc:stop(Helper),
                     {reply, {error, Reason}, St0}
             end;
         {error, Reason} ->
@@ -276,10 +296,7 @@ handle_call({start, Hostname}, _From, St) ->
 handle_call(hostname, _From, St) ->
     {reply, St#st.hostname, St};
 handle_call(info, _From, St) ->
-    OsPid = case St#st.helper of
-                undefined -> undefined;
-                Port -> element(2, erlang:port_info(Port, os_pid))
-            end,
+    OsPid = tailscale_helper_proc:os_pid(St#st.helper),
     {reply, #{hostname => St#st.hostname, helper_os_pid => OsPid, down => St#st.down,
               connections => map_size(St#st.fd_ports),
               listens => St#st.listens, registrations => maps:keys(St#st.registrations)}, St};
@@ -335,7 +352,7 @@ handle_info(_Msg, St) ->
 -spec terminate(term(), #st{}) -> ok.
 terminate(_Reason, St) ->
     close_control(St#st.sock),
-    stop_helper(St#st.helper),
+    tailscale_helper_proc:stop(St#st.helper),
     ok.
 
 %%% Losing and restarting the helper
@@ -351,16 +368,16 @@ helper_down(Reason, #st{backoff = Backoff} = St) ->
      || {From, _} <- maps:values(St#st.pending), From =/= internal],
     [tailscale_fd:close(Fd) || Fd <- queue:to_list(St#st.fds)],
     close_control(St#st.sock),
-    stop_helper(St#st.helper),
+    tailscale_helper_proc:stop(St#st.helper),
     erlang:send_after(Backoff, self(), reconnect),
     St#st{sock = undefined, helper = undefined, buf = <<>>, fds = queue:new(),
           pending = #{}, select = undefined, down = Reason, watching = false,
           backoff = min(2 * Backoff, ?MAX_BACKOFF)}.
 
 reconnect(St0) ->
-    case connect(St0#st.hostname) of
-        {ok, Sock, Helper} ->
-            case hello_exchange(Sock) of
+    case tailscale_helper_proc:connect(St0#st.hostname) of
+        {ok, Sock, Helper, Path} ->
+            case hello_exchange(Sock, Path) of
                 {ok, Hello} ->
                     St = St0#st{sock = Sock, helper = Helper, hello = Hello, down = undefined},
                     try
@@ -382,7 +399,7 @@ reconnect(St0) ->
 restore(St0) ->
     Regs = [#{op => register, name => N, port => P, hidden => H}
             || {N, {P, H}} <- maps:to_list(St0#st.registrations)],
-    Listens = [#{op => listen, port => P, timeout_ms => up_timeout()} || P <- St0#st.listens],
+    Listens = [#{op => listen, port => P, timeout_ms => tailscale_helper_proc:up_timeout()} || P <- St0#st.listens],
     St = lists:foldl(fun(Req, Acc) ->
                              case send_request(internal, Req, Acc) of
                                  {ok, Acc1} -> Acc1;
@@ -401,7 +418,7 @@ send_request(From, Req, #st{next_id = Id} = St) ->
 %% as there is a subscriber and a helper.
 watch_peers(#st{watching = false, sock = Sock, subscribers = Subs} = St)
   when Sock =/= undefined, map_size(Subs) > 0 ->
-    case send_request(internal, #{op => watch_peers, timeout_ms => up_timeout()}, St) of
+    case send_request(internal, #{op => watch_peers, timeout_ms => tailscale_helper_proc:up_timeout()}, St) of
         {ok, St1} -> St1#st{watching = true};
         {error, Reason} -> throw({control_broken, {control_socket, Reason}})
     end;
@@ -424,7 +441,7 @@ remember(_, _, St) ->
 %% A start that failed after connecting: back to the state before it.
 stop_and_forget(St) ->
     close_control(St#st.sock),
-    stop_helper(St#st.helper),
+    tailscale_helper_proc:stop(St#st.helper),
     St#st{sock = undefined, helper = undefined, hostname = undefined, down = not_started}.
 
 close_control(undefined) -> ok;
@@ -452,6 +469,12 @@ handle_msg(#{iov := Iov} = Msg, St) ->
     Fds = lists:foldl(fun(Fd, Q) -> queue:in(Fd, Q) end, St#st.fds,
                       [Fd || #{level := socket, type := rights, data := D} <- maps:get(ctrl, Msg, []),
                              <<Fd:32/signed-native>> <= D]),
+    %% A helper sends each descriptor with its message, so only a broken
+    %% one gets far ahead.
+    case queue:len(Fds) > ?MAX_FDS of
+        true -> throw({control_broken, {descriptors_without_messages, queue:len(Fds)}});
+        false -> ok
+    end,
     frames(St#st{buf = iolist_to_binary([St#st.buf | Iov]), fds = Fds}).
 
 frames(#st{buf = <<Len:32, _/binary>>}) when Len > ?MAX_FRAME ->
@@ -533,10 +556,55 @@ reply({Pid, _} = From, #{<<"ok">> := true} = Resp, Sock) ->
     end;
 reply(From, Resp, Sock) ->
     close(Sock),
-    Err = maps:get(<<"error">>, Resp, #{}),
-    %% Codes are the protocol's fixed set (section 8), so atoms are safe.
-    Code = binary_to_atom(maps:get(<<"code">>, Err, <<"internal">>), utf8),
-    gen_server:reply(From, {error, {Code, maps:get(<<"message">>, Err, <<>>)}}).
+    gen_server:reply(From, {error, error_reason(maps:get(<<"error">>, Resp, #{}))}).
+
+%% The reason for an error object of the protocol (section 8): its code
+%% as one of a fixed set of atoms, never one made from what the helper
+%% sent. A response with "ok": false and no error object is `internal', as
+%% in the Go client.
+-spec error_reason(term()) -> proto_error().
+error_reason(Err) when is_map(Err) ->
+    Message = case maps:get(<<"message">>, Err, <<>>) of
+                  M when is_binary(M) -> M;
+                  _ -> <<>>
+              end,
+    case maps:get(<<"code">>, Err, <<"internal">>) of
+        <<"not_allowed">> ->
+            Peer = case maps:get(<<"peer">>, Err, #{}) of
+                       P when is_map(P) -> P;
+                       _ -> #{}
+                   end,
+            {not_allowed, Message, Peer};
+        Code when is_binary(Code) ->
+            case code(Code) of
+                unknown_error -> {unknown_error, Code, Message};
+                Atom -> {Atom, Message}
+            end;
+        _ ->
+            {unknown_error, <<>>, Message}
+    end;
+error_reason(_) ->
+    {internal, <<>>}.
+
+code(<<"bad_request">>) -> bad_request;
+code(<<"too_large">>) -> too_large;
+code(<<"hello_required">>) -> hello_required;
+code(<<"unsupported_version">>) -> unsupported_version;
+code(<<"unknown_op">>) -> unknown_op;
+code(<<"not_running">>) -> not_running;
+code(<<"unknown_host">>) -> unknown_host;
+code(<<"dial_failed">>) -> dial_failed;
+code(<<"timeout">>) -> timeout;
+code(<<"port_in_use">>) -> port_in_use;
+code(<<"not_listening">>) -> not_listening;
+code(<<"invalid_name">>) -> invalid_name;
+code(<<"name_taken">>) -> name_taken;
+code(<<"not_registered">>) -> not_registered;
+code(<<"epmd_failed">>) -> epmd_failed;
+code(<<"busy">>) -> busy;
+code(<<"internal">>) -> internal;
+code(<<"not_allowed">>) -> not_allowed;
+code(_) -> unknown_error.
 
 hand_over(Sock, Pid, Msg) ->
     case give(Sock, Pid) of
@@ -568,185 +636,53 @@ send_frame(Sock, Map) ->
     Payload = tailscale_json:encode_to_binary(Map),
     socket:send(Sock, [<<(byte_size(Payload)):32>>, Payload]).
 
-%%% Starting or attaching to the helper
+%%% The hello exchange
 
-connect(Hostname) ->
-    case config(socket, "TSDIST_SOCKET", undefined) of
-        undefined ->
-            Path = default_socket(Hostname),
-            case connect_socket(Path) of
-                {ok, Sock} -> {ok, Sock, undefined};     % a helper for this host already runs
-                {error, _} -> spawn_helper(Hostname, Path)
+%% The first exchange on a new control socket (Path names it in errors). The answer brings no
+%% descriptor, nothing else comes before it, and it is a few hundred bytes:
+%% more than 64 KiB is not a helper speaking.
+-spec hello_exchange(socket:socket(), file:filename()) -> {ok, map()} | {error, term()}.
+hello_exchange(Sock, Path) ->
+    case send_frame(Sock, #{id => 1, op => hello, version => ?PROTOCOL_VERSION,
+                            client => <<"tailscale_dist">>}) of
+        ok ->
+            Deadline = erlang:monotonic_time(millisecond) + ?CONNECT_TIMEOUT,
+            case recv_frame(Sock, Path, <<>>, Deadline) of
+                {ok, #{<<"id">> := 1, <<"ok">> := true, <<"result">> := Hello}} when is_map(Hello) ->
+                    {ok, Hello};
+                {ok, #{<<"ok">> := false} = Resp} ->
+                    {error, {hello, Path, error_reason(maps:get(<<"error">>, Resp, #{}))}};
+                {ok, _Other} ->
+                    {error, {hello, Path, bad_answer}};
+                {error, _} = E ->
+                    E
             end;
-        Path ->
-            case connect_socket(Path) of
-                {ok, Sock} -> {ok, Sock, undefined};
-                {error, Reason} -> {error, {no_helper_at, Path, Reason}}
-            end
+        {error, Reason} ->
+            {error, {hello, Path, Reason}}
     end.
 
-connect_socket(Path) ->
-    {ok, Sock} = socket:open(local, stream, default),
-    case socket:connect(Sock, #{family => local, path => Path}) of
-        ok -> {ok, Sock};
-        {error, _} = E -> _ = socket:close(Sock), E
-    end.
-
-spawn_helper(Hostname, SocketPath) ->
-    case helper_executable() of
-        {ok, Exe} ->
-            StateDir = config(state_dir, "TS_STATE_DIR",
-                              filename:join([element(2, prim_file:get_cwd()), "tsdist", Hostname])),
-            Args = ["serve", "--hostname", Hostname, "--socket", SocketPath,
-                    "--state-dir", StateDir, "--exit-with-stdin"]
-                ++ opt_arg("--control-url", config(control_url, "TS_CONTROL_URL", undefined))
-                ++ opt_arg("--authkey", config(authkey, "TS_AUTHKEY", undefined))
-                ++ opt_arg("--tags", config(tags, "TS_TAGS", undefined))
-                ++ opt_arg("--allow", config(allow, "TSDIST_ALLOW", undefined))
-                ++ case lists:member(config(ephemeral, "TS_EPHEMERAL", "false"), ["true", "1", true]) of
-                       true -> ["--ephemeral"];
-                       false -> []
-                   end,
-            Port = open_port({spawn_executable, Exe},
-                             [{args, Args}, exit_status, use_stdio, stderr_to_stdout,
-                              {line, 4096}, hide]),
-            wait_for_socket(Port, SocketPath, erlang:monotonic_time(millisecond) + ?CONNECT_TIMEOUT, []);
-        {error, _} = E ->
-            E
-    end.
-
-%% The helper creates its socket within milliseconds of starting; until then
-%% connect fails, and an early exit is reported with what the helper said.
-wait_for_socket(Port, Path, Deadline, Said) ->
-    receive
-        {Port, {data, {_, Line}}} ->
-            logger:notice("~ts", [Line]),
-            wait_for_socket(Port, Path, Deadline, [Line | Said]);
-        {Port, {exit_status, Status}} ->
-            {error, {helper_exited, Status, lists:reverse(Said)}}
-    after 20 ->
-        case connect_socket(Path) of
-            {ok, Sock} ->
-                {ok, Sock, Port};
-            {error, _} ->
-                case erlang:monotonic_time(millisecond) > Deadline of
-                    true -> stop_helper(Port), {error, {no_control_socket, Path, lists:reverse(Said)}};
-                    false -> wait_for_socket(Port, Path, Deadline, Said)
-                end
-        end
-    end.
-
-stop_helper(undefined) -> ok;
-stop_helper(Port) ->
-    OsPid = case erlang:port_info(Port, os_pid) of
-                {os_pid, P} -> P;
-                undefined -> undefined
-            end,
-    %% Closing its stdin is the helper's signal to shut down cleanly.
-    catch port_close(Port),
-    await_exit(OsPid, erlang:monotonic_time(millisecond) + ?HELPER_EXIT_WAIT).
-
-%% Waits until the helper process is gone, so that whatever starts next
-%% (distribution started again, a restart) does not attach to a helper
-%% that is shutting down, nor start a second one on the same state.
-await_exit(undefined, _Deadline) ->
-    ok;
-await_exit(OsPid, Deadline) ->
-    case prim_file:read_file_info("/proc/" ++ integer_to_list(OsPid)) of
-        {ok, _} ->
-            case erlang:monotonic_time(millisecond) > Deadline of
-                true -> logger:warning("tsdist: helper ~p still running after ~p ms", [OsPid, ?HELPER_EXIT_WAIT]);
-                false -> receive after 20 -> await_exit(OsPid, Deadline) end
-            end;
-        {error, _} ->
-            ok
-    end.
-
-hello_exchange(Sock) ->
-    ok = send_frame(Sock, #{id => 1, op => hello, version => ?PROTOCOL_VERSION,
-                            client => <<"tailscale_dist">>}),
-    case recv_frame(Sock, <<>>, erlang:monotonic_time(millisecond) + ?CONNECT_TIMEOUT) of
-        {ok, #{<<"id">> := 1, <<"ok">> := true, <<"result">> := Hello}} -> {ok, Hello};
-        {ok, #{<<"error">> := #{<<"code">> := C, <<"message">> := M}}} -> {error, {hello, C, M}};
-        {error, _} = E -> E
-    end.
-
-%% The hello answer brings no descriptor, and nothing else comes before it.
-recv_frame(Sock, Buf, Deadline) ->
+recv_frame(Sock, Path, Buf, Deadline) ->
     case Buf of
-        <<Len:32, Payload:Len/binary, _/binary>> -> tailscale_json:decode(Payload);
+        <<Len:32, _/binary>> when Len > ?MAX_HELLO ->
+            {error, {hello, Path, {too_large, Len}}};
+        <<Len:32, Payload:Len/binary, _/binary>> ->
+            case tailscale_json:decode(Payload) of
+                {ok, Msg} when is_map(Msg) -> {ok, Msg};
+                {ok, _} -> {error, {hello, Path, bad_answer}};
+                {error, Reason} -> {error, {hello, Path, {bad_json, Reason}}}
+            end;
+        _ when byte_size(Buf) > ?MAX_HELLO + 4 ->
+            {error, {hello, Path, {too_large, byte_size(Buf)}}};
         _ ->
             Left = max(0, Deadline - erlang:monotonic_time(millisecond)),
             case socket:recv(Sock, 0, Left) of
-                {ok, Data} -> recv_frame(Sock, <<Buf/binary, Data/binary>>, Deadline);
-                {error, Reason} -> {error, {hello, Reason}}
+                {ok, Data} -> recv_frame(Sock, Path, <<Buf/binary, Data/binary>>, Deadline);
+                {error, Reason} -> {error, {hello, Path, Reason}}
             end
     end.
 
-%%% Configuration
-
-helper_executable() ->
-    case config(helper, "TSDIST_HELPER", undefined) of
-        undefined ->
-            Path = string:lexemes(os:getenv("PATH", ""), ":"),
-            case [Exe || Dir <- Path, Exe <- [filename:join(Dir, "tsdist")], is_executable(Exe)] of
-                [Exe | _] -> {ok, Exe};
-                [] -> {error, {no_helper, "tsdist is not on $PATH; set TSDIST_HELPER or the tsdist application's helper"}}
-            end;
-        Exe ->
-            case is_executable(Exe) of
-                true -> {ok, filename:join(element(2, prim_file:get_cwd()), Exe)};
-                false -> {error, {no_helper, Exe, "not an executable file"}}
-            end
-    end.
-
-%% Distribution starts before the file server, so this asks prim_file.
-is_executable(File) ->
-    case prim_file:read_file_info(File) of
-        {ok, #file_info{type = regular, mode = Mode}} -> Mode band 8#111 =/= 0;
-        _ -> false
-    end.
-
-%% application env, then OS env, then Default.
-config(Key, EnvVar, Default) ->
-    _ = application:load(tsdist),
-    case application:get_env(tsdist, Key) of
-        {ok, V} -> V;
-        undefined ->
-            case os:getenv(EnvVar) of
-                false -> Default;
-                "" -> Default;
-                V -> V
-            end
-    end.
-
-up_timeout() ->
-    case config(up_timeout, "TSDIST_UP_TIMEOUT", 60000) of
-        T when is_integer(T) -> T;
-        T -> list_to_integer(T)
-    end.
-
-opt_arg(_, undefined) -> [];
-opt_arg(Flag, Value) -> [Flag, to_list(Value)].
-
-%% Where `tsdist serve' puts the socket of a hostname by default, so a
-%% second node on this host finds a helper the first one started.
-default_socket(Hostname) ->
-    Dir = case os:getenv("XDG_RUNTIME_DIR") of
-              D when D =:= false; D =:= "" ->
-                  filename:join("/tmp", "tsdist-" ++ uid());
-              D -> filename:join(D, "tsdist")
-          end,
-    filename:join(Dir, Hostname ++ ".sock").
-
-%% The owner of /proc/self is this process's user.
-uid() ->
-    {ok, Info} = prim_file:read_file_info("/proc/self"),
-    integer_to_list(Info#file_info.uid).
+%%% Internal
 
 to_bin(B) when is_binary(B) -> B;
 to_bin(A) when is_atom(A) -> atom_to_binary(A, utf8);
 to_bin(L) when is_list(L) -> unicode:characters_to_binary(L).
-
-to_list(B) when is_binary(B) -> binary_to_list(B);
-to_list(L) when is_list(L) -> L.

@@ -9,6 +9,12 @@
 %%% in Config runs nodes through Prog (the OTP 27 lane's chroot); an
 %%% `{env, [{Var, Value}]}' adds to their environment.
 %%%
+%%% start_tailnet/2 with `#{same_user => false}' gives every device a user
+%%% of its own (user-N@fake-control.example.net), for tests of strangers.
+%%% start_hostile_peer/3 runs test/hostilepeer, a tailnet device that lies
+%%% about its EPMD and reports who reaches it; capture_log/2 copies a
+%%% node's log to a file the test can read.
+%%%
 %%% start_headscale/3 runs a real control server instead: Headscale
 %%% (TSDIST_HEADSCALE names its binary; `make test-headscale' builds it
 %%% with scripts/headscale.sh) on 127.0.0.1, offline, with the DERP relay
@@ -20,7 +26,8 @@
 -include_lib("common_test/include/ct.hrl").
 -include_lib("stdlib/include/assert.hrl").
 
--export([start_tailnet/1, stop_tailnet/1,
+-export([start_tailnet/1, start_tailnet/2, stop_tailnet/1,
+         start_hostile_peer/3, hostile_lines/1, stop_hostile_peer/1, capture_log/2, read_log/1,
          start_node/3, start_node/4, start_node/5,
          start_node_result/4, start_node_result/5,
          wait_until/1, wait_until/2, cookie/0, links_and_monitors/3, collect_port/3,
@@ -36,6 +43,17 @@ cookie() ->
 %% control_url and devnet.
 -spec start_tailnet(list()) -> list().
 start_tailnet(Config) ->
+    start_tailnet(Config, #{same_user => true}).
+
+%% start_tailnet/1, every device under one user if `same_user' (the
+%% default access policy, "owner", then lets them all reach each other),
+%% else each under a user of its own.
+-spec start_tailnet(list(), #{same_user => boolean()}) -> list().
+start_tailnet(Config, Opts) ->
+    SameUser = case maps:get(same_user, Opts, true) of
+                   true -> ["--same-user"];
+                   false -> []
+               end,
     Helper = case os:getenv("TSDIST_HELPER") of
                  false -> ct:fail("TSDIST_HELPER is not set: it must name the tsdist binary (make test sets it)");
                  H -> H
@@ -47,11 +65,8 @@ start_tailnet(Config) ->
     %% it, so a process of its own holds the devnet's port.
     Devnet = spawn(fun() ->
                        Port = open_port({spawn_executable, Helper},
-                                        [{args, ["devnet", "--url-file", UrlFile, "--exit-with-stdin",
-                                                 %% one user's devices: the default
-                                                 %% access policy ("owner") lets
-                                                 %% them reach each other
-                                                 "--same-user"]},
+                                        [{args, ["devnet", "--url-file", UrlFile, "--exit-with-stdin"
+                                                 | SameUser]},
                                          exit_status, use_stdio, stderr_to_stdout, {line, 1024}]),
                        receive stop -> port_close(Port) end
                    end),
@@ -296,14 +311,105 @@ links_and_monitors(Peer, Monitored, Linked) ->
 
 %% The environment of a node on tailnet host Label: the offline tailnet,
 %% the helper, private socket and state directories, and Config's `env'.
+%% A variable in Config's `env' replaces the default one.
 -spec node_env(list(), string()) -> [{string(), string()}].
 node_env(Config, Label) ->
     RunDir = ?config(run_dir, Config),
-    [{"TS_CONTROL_URL", ?config(control_url, Config)},
-     {"TSDIST_HELPER", ?config(helper, Config)},
-     {"XDG_RUNTIME_DIR", RunDir},
-     {"TS_STATE_DIR", filename:join([RunDir, "state", Label])}
-     | proplists:get_value(env, Config, [])].
+    Extra = proplists:get_value(env, Config, []),
+    Extra ++ [D || {K, _} = D <- [{"TS_CONTROL_URL", ?config(control_url, Config)},
+                                  {"TSDIST_HELPER", ?config(helper, Config)},
+                                  {"XDG_RUNTIME_DIR", RunDir},
+                                  {"TS_STATE_DIR", filename:join([RunDir, "state", Label])}],
+                   not lists:keymember(K, 1, Extra)].
+
+%% Starts test/hostilepeer as tailnet device Hostname with Args (see its
+%% documentation) and Config's environment, and waits for its `ready'
+%% line. TSDIST_HOSTILEPEER names the binary; by default it is beside the
+%% helper. hostile_lines/1 returns every line it printed so far.
+-spec start_hostile_peer(list(), string(), [string()]) -> pid().
+start_hostile_peer(Config, Hostname, Args) ->
+    Prog = case os:getenv("TSDIST_HOSTILEPEER") of
+               false -> filename:join(filename:dirname(?config(helper, Config)), "hostilepeer");
+               P -> P
+           end,
+    filelib:is_regular(Prog) orelse
+        ct:fail({no_hostilepeer, Prog, "build it: go build -tags=ts_omit_peerapiserver -o bin/hostilepeer ./test/hostilepeer"}),
+    Self = self(),
+    Pid = spawn(fun() ->
+        Port = open_port({spawn_executable, Prog},
+                         [{args, ["-hostname", Hostname | Args]},
+                          {env, node_env(Config, Hostname)},
+                          exit_status, use_stdio, stderr_to_stdout, {line, 4096}]),
+        hostile_loop(Port, Self, [])
+    end),
+    receive
+        {hostile_ready, Pid, Line} -> ct:log("hostile peer ~s: ~s", [Hostname, Line]), Pid;
+        {hostile_exited, Pid, Status, Lines} -> ct:fail({hostile_peer_did_not_start, Hostname, Status, Lines})
+    after 60000 -> ct:fail({hostile_peer_did_not_start, Hostname, timeout})
+    end.
+
+hostile_loop(Port, Owner, Lines) ->
+    receive
+        {Port, {data, {_, "ready " ++ _ = Line}}} ->
+            Owner ! {hostile_ready, self(), Line},
+            hostile_loop(Port, Owner, [Line | Lines]);
+        {Port, {data, {_, Line}}} ->
+            hostile_loop(Port, Owner, [Line | Lines]);
+        {Port, {exit_status, Status}} ->
+            Owner ! {hostile_exited, self(), Status, lists:reverse(Lines)},
+            hostile_exited([io_lib:format("(exited with status ~p)", [Status]) | Lines]);
+        {lines, From} ->
+            From ! {lines, self(), lists:reverse(Lines)},
+            hostile_loop(Port, Owner, Lines);
+        {stop, From} ->
+            {os_pid, OsPid} = erlang:port_info(Port, os_pid),
+            port_close(Port),
+            From ! {stopped, self(), OsPid, lists:reverse(Lines)}
+    end.
+
+hostile_exited(Lines) ->
+    receive
+        {lines, From} -> From ! {lines, self(), lists:reverse(Lines)}, hostile_exited(Lines);
+        {stop, From} -> From ! {stopped, self(), undefined, lists:reverse(Lines)}
+    end.
+
+%% What a hostile peer printed so far, oldest first.
+-spec hostile_lines(pid()) -> [string()].
+hostile_lines(Pid) ->
+    Pid ! {lines, self()},
+    receive {lines, Pid, Lines} -> Lines
+    after 5000 -> ct:fail({hostile_peer_gone, Pid})
+    end.
+
+%% Stops a hostile peer (closing its standard input) and waits for its OS
+%% process to exit; returns everything it printed.
+-spec stop_hostile_peer(pid()) -> [string()].
+stop_hostile_peer(Pid) ->
+    Pid ! {stop, self()},
+    receive
+        {stopped, Pid, OsPid, Lines} ->
+            ct:log("hostile peer's output:~n~s", [lists:join("\n", Lines)]),
+            OsPid =:= undefined orelse wait_gone(OsPid, 200)
+                orelse ct:fail({hostile_peer_still_running, OsPid}),
+            Lines
+    after 10000 -> ct:fail(hostile_peer_did_not_stop)
+    end.
+
+%% Copies every log event of node Peer from now on to File (a logger_std_h
+%% handler, so the node needs nothing of the test's code).
+-spec capture_log(pid(), file:filename()) -> ok.
+capture_log(Peer, File) ->
+    ok = peer:call(Peer, logger, add_handler,
+                   [tsdist_ct_capture, logger_std_h,
+                    #{level => all, config => #{file => File, filesync_repeat_interval => 100}}]).
+
+%% A captured log's text so far ("" if nothing was written yet).
+-spec read_log(file:filename()) -> string().
+read_log(File) ->
+    case file:read_file(File) of
+        {ok, Bin} -> unicode:characters_to_list(Bin);
+        {error, enoent} -> ""
+    end.
 
 %% The lines a port program prints, until it exits (its status) or Timeout
 %% passes between two lines (timeout).
