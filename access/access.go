@@ -56,17 +56,22 @@ func Parse(rules string) (Policy, error) {
 	for _, r := range strings.Split(rules, ",") {
 		r = strings.TrimSpace(r)
 		kind, value, _ := strings.Cut(r, ":")
+		value = strings.TrimSpace(value)
+		host := strings.ToLower(strings.TrimSuffix(value, "."))
 		switch {
 		case r == "*":
 			p.any = true
 		case r == "owner":
 			p.owner = true
 		case kind == "user" && value != "":
+			r = "user:" + value
 			p.users = append(p.users, strings.ToLower(value))
 		case kind == "tag" && value != "":
+			r = "tag:" + value
 			p.tags = append(p.tags, r) // tags are compared whole: "tag:erlang"
-		case kind == "host" && value != "":
-			p.hosts = append(p.hosts, strings.ToLower(strings.TrimSuffix(value, ".")))
+		case kind == "host" && host != "":
+			r = "host:" + value
+			p.hosts = append(p.hosts, host)
 		default:
 			return Policy{}, fmt.Errorf("%w %q: want owner, user:LOGIN, tag:NAME, host:NAME or *", ErrBadRule, r)
 		}

@@ -58,6 +58,8 @@ func TestParseAccepts(t *testing.T) {
 		{"owner,user:alice,tag:erlang,host:beta,*", "owner,user:alice,tag:erlang,host:beta,*"},
 		// a value may itself contain a colon
 		{"user:a:b", "user:a:b"},
+		// Blanks around a value are not part of it.
+		{"user: alice", "user:alice"},
 	} {
 		p, err := access.Parse(tc.in)
 		if err != nil {
@@ -78,6 +80,9 @@ func TestParseRejects(t *testing.T) {
 		{"user: ", "user:"},
 		{"tag:", "tag:"},
 		{"host:", "host:"},
+		{"host:.", "host:."}, // would match a peer with no name
+		{"host: . ", "host: ."},
+		{"tag: ", "tag:"},
 		{"tag", "tag"},
 		{"user", "user"},
 		{"host", "host"},

@@ -49,8 +49,12 @@ func TestPick(t *testing.T) {
 			[]Candidate{dev("gamma-1", alice, true, false, 0), dev("gamma-2", alice, false, false, time.Hour)}, "gamma-1"},
 		{"both offline: exact wins",
 			[]Candidate{dev("alpha-1", alice, false, false, time.Hour), dev("alpha", alice, false, true, 0)}, "alpha"},
-		{"two exact matches (an IP and its device): the online one",
+		{"two exact matches of one owner (a control server that does not suffix names): the online one",
 			[]Candidate{dev("old", alice, false, true, time.Hour), dev("new", alice, true, true, 0)}, "new"},
+		{"two exact matches of two owners: the name stays with its first holder's, online or not",
+			[]Candidate{dev("beta", mallory, true, true, time.Hour), dev("beta", alice, false, true, 0)}, "beta"},
+		{"a device of no known owner holds a name alone",
+			[]Candidate{dev("nobody", Identity{Tags: []string{}}, true, true, 0)}, "nobody"},
 	}
 	for _, c := range cases {
 		got, ok := Pick(c.cands)

@@ -131,18 +131,19 @@ func (n *Node) Candidates(ctx context.Context, host string) ([]Candidate, error)
 // server's inactivity timeout, a persistent one until it is removed, and
 // the control server may call it online for a while: Headscale, about
 // 15 s), and the device that takes its place with the same hostname gets a
-// suffixed MagicDNS name ("alpha-1"). Nodes name themselves by the
-// hostname they asked for (app@alpha), so that successor must be what
-// "alpha" means. But anybody can ask for any hostname, so a loose match
-// stands in for an exact one only if it has the exact match's owner (see
+// suffixed MagicDNS name ("alpha-1"; a control server that does not suffix
+// names, like the offline tailnet's, gives it the same name). Nodes name
+// themselves by the hostname they asked for (app@alpha), so that successor
+// must be what "alpha" means. But anybody can ask for any hostname, so a
+// name passes only between devices of one owner (see
 // [Identity.SameOwner]):
 //
-//   - With an exact match, the pool is the exact matches and the loose
-//     matches of the same owner as the best exact one; without one, every
-//     candidate.
-//   - From the pool, online devices win over offline ones; among online
-//     ones the newest wins; then exact beats loose, and the first listed
-//     wins a tie.
+//   - The name belongs to the owner of its first holder: the oldest exact
+//     match. Only that device and the others of its owner are considered;
+//     without an exact match, every candidate is.
+//   - Of those, online devices win over offline ones; among online ones
+//     the newest wins; then exact beats loose, and the first listed wins
+//     a tie.
 //
 // Callers that apply an access policy pass only the devices it admits.
 // ok is false for no candidates.
@@ -156,14 +157,15 @@ func Pick(cands []Candidate) (best Candidate, ok bool) {
 		}
 		return a.Exact && !b.Exact
 	}
-	var exact *Candidate
-	for i := range cands {
-		if c := &cands[i]; c.Exact && (exact == nil || better(*c, *exact)) {
-			exact = c
+	first := -1 // the name's first holder
+	for i, c := range cands {
+		if c.Exact && (first < 0 || c.Created.Before(cands[first].Created) ||
+			c.Created.Equal(cands[first].Created) && c.Online && !cands[first].Online) {
+			first = i
 		}
 	}
-	for _, c := range cands {
-		if exact != nil && !c.Exact && !c.Identity.SameOwner(exact.Identity) {
+	for i, c := range cands {
+		if first >= 0 && i != first && !c.Identity.SameOwner(cands[first].Identity) {
 			continue
 		}
 		if !ok || better(c, best) {

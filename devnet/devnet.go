@@ -274,6 +274,12 @@ func (n *Net) setStreams(k key.NodePublic, delta int) {
 		return
 	}
 	node.Online = &online
+	if node.Created.IsZero() {
+		// As a real control server records, when the node joined: which
+		// of two nodes with one name came first decides what the name
+		// means (carrier.Pick).
+		node.Created = time.Now()
+	}
 	if !online {
 		now := time.Now()
 		node.LastSeen = &now
