@@ -4,6 +4,7 @@
 #   make test    every test (installs what is missing first)
 #   make build   bin/tsdist and the demo's client
 #   make bench   every carrier side by side; rewrites docs/BENCHMARKS.md and its plot
+#   make check-docs  the docs against the code (flags, keys, links)
 
 export PATH := /usr/local/go/bin:$(PATH)
 # ts_omit_peerapiserver leaves tailscale's PeerAPI out of every binary: in a
@@ -16,7 +17,7 @@ GO ?= go
 # fixed in Go 1.27). 50,000 runs take a few seconds per target here.
 FUZZTIME ?= 50000x
 
-.PHONY: all build build-go build-erlang nif deps demo test test-go test-race test-erlang test-otp27 test-headscale fuzz vet bench bench-smoke clean
+.PHONY: all build build-go build-erlang nif deps demo test test-go test-race test-erlang test-otp27 test-headscale fuzz vet bench bench-smoke check-docs clean
 
 all: build
 
@@ -47,6 +48,11 @@ demo: build
 
 vet:
 	$(GO) vet ./...
+
+# The docs against the code: every tsdist flag, tsdist key, environment
+# variable and discovery option in docs/configuration.md; every relative link.
+check-docs:
+	bash scripts/check-docs.sh
 
 test-go:
 	$(GO) test -count=1 -timeout 10m ./...
@@ -93,7 +99,7 @@ test-headscale: build
 	hs=$$(bash scripts/headscale.sh build) && \
 		TSDIST_HEADSCALE=$$hs TSDIST_HELPER=$(CURDIR)/bin/tsdist rebar3 ct --dir test/erlang --suite tailscale_headscale_SUITE
 
-test: build vet test-go test-race test-erlang test-otp27 fuzz bench-smoke test-headscale
+test: build vet check-docs test-go test-race test-erlang test-otp27 fuzz bench-smoke test-headscale
 
 clean:
 	rm -rf bin priv _build
