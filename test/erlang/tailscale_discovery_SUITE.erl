@@ -32,17 +32,22 @@ end_per_suite(Config) ->
 candidates_filter(Config) ->
     {P, _} = tsdist_ct:start_node(Config, f, "filterhost"),
     try
-        Peers = [#{<<"node">> => <<"disca">>, <<"online">> => true, <<"tags">> => [<<"tag:erlang">>]},
-                 #{<<"node">> => <<"discb">>, <<"online">> => false, <<"tags">> => [<<"tag:erlang">>]},
-                 #{<<"node">> => <<"other">>, <<"online">> => true, <<"tags">> => [<<"tag:erlang">>]},
-                 #{<<"node">> => <<"discc">>, <<"online">> => true, <<"tags">> => []}],
+        Admitted = #{<<"allowed">> => true},
+        Peers = [Admitted#{<<"node">> => <<"disca">>, <<"online">> => true, <<"tags">> => [<<"tag:erlang">>]},
+                 Admitted#{<<"node">> => <<"discb">>, <<"online">> => false, <<"tags">> => [<<"tag:erlang">>]},
+                 Admitted#{<<"node">> => <<"other">>, <<"online">> => true, <<"tags">> => [<<"tag:erlang">>]},
+                 Admitted#{<<"node">> => <<"discc">>, <<"online">> => true, <<"tags">> => []},
+                 %% matches every filter, but this node's policy does not admit it
+                 #{<<"node">> => <<"discs">>, <<"online">> => true, <<"tags">> => [<<"tag:erlang">>],
+                   <<"allowed">> => false}],
         Matching = fun(Opts) ->
             [maps:get(<<"node">>, M) || M <- peer:call(P, tailscale_discovery, matching, [Peers, Opts])]
         end,
         ?assertEqual([<<"disca">>, <<"discc">>], Matching([{hostname_pattern, "^disc"}])),
         %% A node the tailnet renamed (a stale one held its name) still
         %% matches by the hostname it asked for.
-        Renamed = #{<<"node">> => <<"x-1">>, <<"hostname">> => <<"discr">>, <<"online">> => true, <<"tags">> => []},
+        Renamed = #{<<"node">> => <<"x-1">>, <<"hostname">> => <<"discr">>, <<"online">> => true, <<"tags">> => [],
+                    <<"allowed">> => true},
         ?assertMatch([_], peer:call(P, tailscale_discovery, matching, [[Renamed], [{hostname_pattern, "^disc"}]])),
         ?assertEqual([<<"disca">>, <<"discb">>, <<"discc">>],
                      Matching([{hostname_pattern, "^disc"}, {online_only, false}])),

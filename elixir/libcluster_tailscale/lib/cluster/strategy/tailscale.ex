@@ -7,9 +7,15 @@ defmodule Cluster.Strategy.Tailscale do
   It subscribes to the node's tailnet view (`:tailscale_helper.subscribe/1`)
   and is told at once, and again on every change of the tailnet, which peers
   there are. For each view it asks `:tailscale_discovery.candidates/2` which
-  nodes to connect: the peers that pass the filters below, and on each of
-  them the node names registered on that host's tailnet EPMD (so no node
-  basename is assumed; a host may run several nodes). It connects the ones
+  nodes to connect: the peers that the node's access policy admits (the
+  helper's `allowed`; a peer of another owner outside the policy is never
+  asked anything) and that pass the filters below, and on each of them the
+  node names registered on that host's tailnet EPMD (so no node basename is
+  assumed; a host may run several nodes). What a host's EPMD lists is
+  checked before it becomes an atom, exactly as for tsdist's own discovery:
+  letters, digits, `_`, `-` and `.` only, `name@host` at most 255 bytes, at
+  most 64 names per host; what is turned down is logged once a minute per
+  host, and the strategy keeps running. It connects the ones
   not yet connected and, with `disconnect_on_departure`, disconnects the
   nodes it had clustered with that are no longer candidates (the peer went
   offline, lost its tag, was removed from the tailnet, or its node stopped).

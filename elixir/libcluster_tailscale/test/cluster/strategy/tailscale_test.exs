@@ -113,6 +113,52 @@ defmodule Cluster.Strategy.TailscaleTest do
            }
   end
 
+  describe "the checks shared with tsdist's discovery (:tailscale_discovery)" do
+    setup do
+      assert {:module, :tailscale_discovery} = Code.ensure_loaded(:tailscale_discovery),
+             "tsdist's ebin is not on the code path: build it with rebar3 compile"
+
+      :ok
+    end
+
+    defp peer(node, extra) do
+      Map.merge(
+        %{"node" => node, "hostname" => node, "online" => true, "tags" => ["tag:erlang"]},
+        extra
+      )
+    end
+
+    test "peers the node's policy does not admit are never candidates" do
+      peers = [
+        peer("app-1", %{"allowed" => true}),
+        peer("app-2", %{"allowed" => false}),
+        # a helper too old to say: not admitted
+        peer("app-3", %{})
+      ]
+
+      {:ok, options} = Tailscale.validate_config(tags: ["tag:erlang"], hostname_pattern: "^app-")
+
+      capture_log(fn ->
+        matched = :tailscale_discovery.matching(peers, Tailscale.discovery_opts(options))
+        assert Enum.map(matched, & &1["node"]) == ["app-1"]
+      end)
+    end
+
+    test "names from a host's EPMD are checked and capped before they become atoms" do
+      long = String.duplicate("x", 300) |> String.to_charlist()
+      many = for i <- 1..50_000, do: ~c"n#{i}"
+      before = :erlang.system_info(:atom_count)
+
+      {kept, report} = :tailscale_discovery.node_names(~c"hostile", [~c"ok1", long | many], 1)
+
+      assert length(kept) == 64
+      assert hd(kept) == ~c"ok1@hostile"
+      assert report == %{invalid: [long], over_limit: 50_000 - 63, dropped: 1}
+      # node_names/3 makes no atom at all; candidates/2 makes them of what it keeps
+      assert :erlang.system_info(:atom_count) - before < 50
+    end
+  end
+
   describe "plan/4" do
     test "connects every candidate, sorted, on the first view" do
       assert Tailscale.plan(MapSet.new(), [:b@beta, :a@alpha], true, :me@gamma) ==
