@@ -73,6 +73,7 @@ type Node struct {
 	ts  *tsnet.Server
 	lc  atomic.Pointer[local.Client] // set once the node is Running
 
+	started atomic.Bool // Up was called: tsnet was started
 	upOnce  sync.Once
 	upErr   error
 	running chan struct{} // closed once the node is Running
@@ -152,6 +153,7 @@ func (n *Node) Up(ctx context.Context) error {
 }
 
 func (n *Node) up(ctx context.Context) error {
+	n.started.Store(true)
 	lc, err := n.ts.LocalClient() // starts the node
 	if err != nil {
 		return fmt.Errorf("carrier: start %s: %w", n.cfg.Hostname, err)
@@ -196,7 +198,14 @@ func (n *Node) userLogf(format string, args ...any) {
 
 // Close leaves the tailnet and closes every listener and connection of the
 // node. An ephemeral node is removed from the tailnet.
-func (n *Node) Close() error { return n.ts.Close() }
+// A node that was never brought up has nothing to close (and tsnet's Close
+// of a server that never started dereferences nil, v1.102.5).
+func (n *Node) Close() error {
+	if !n.started.Load() {
+		return nil
+	}
+	return n.ts.Close()
+}
 
 // Hostname is the name the node asked for.
 func (n *Node) Hostname() string { return n.cfg.Hostname }
