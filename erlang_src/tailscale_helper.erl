@@ -1,8 +1,9 @@
 %%% The node's link to its tsdist helper.
 %%%
-%%% This process owns the tailnet side of a node: it starts the `tsdist
-%%% serve' helper as a port program (or attaches to a running helper's
-%%% control socket), speaks the helper's control protocol
+%%% This process owns the tailnet side of a node: it has the `tsdist
+%%% serve' helper started as a port program of its own, or attaches to a
+%%% running helper's control socket (both done by tailscale_helper_proc),
+%%% speaks the helper's control protocol
 %%% (docs/control-protocol.md) over a Unix socket, and turns every tailnet
 %%% connection the helper passes (a file descriptor, over SCM_RIGHTS) into an
 %%% ordinary inet-driver port with `gen_tcp:fdopen/2', so the emulator's own

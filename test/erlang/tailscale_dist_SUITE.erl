@@ -355,12 +355,17 @@ peer_stops(Config) ->
 
 %% A node that lets in only tag:erlang: an untagged node of the same user
 %% can neither connect nor list its names, and its BEAM never sees the
-%% attempt; a tagged node can; the rules change while it runs.
+%% attempt; a tagged node can; the rules change while it runs. (The
+%% tagged node's own policy must admit the untagged one too: a policy
+%% decides dials as well. Its default, owner, means its tag.)
 access_policy(Config) ->
     Allow = [{env, [{"TSDIST_ALLOW", "tag:erlang"}]} | Config],
     {G, _} = start_node(Allow, g, "upsilon"),
-    {T, _} = start_node([{env, [{"TS_TAGS", "tag:erlang"}]} | Config], t, "phi"),
     [{A, _}, _, _] = ?config(nodes, Config),
+    {ok, #{<<"self">> := #{<<"user">> := User}}} = peer:call(A, tailscale_helper, status, []),
+    {T, _} = start_node([{env, [{"TS_TAGS", "tag:erlang"},
+                                {"TSDIST_ALLOW", "owner,user:" ++ binary_to_list(User)}]} | Config],
+                        t, "phi"),
     try
         ?assertEqual(pang, peer:call(A, net_adm, ping, [g@upsilon], 15000)),
         ?assertMatch({error, _}, peer:call(A, net_adm, names, [upsilon])),

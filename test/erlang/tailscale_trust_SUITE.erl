@@ -250,8 +250,9 @@ socket_peer_other_uid(Config) ->
 
 %%% Secrets
 
-%% The auth key, from the OS environment and from the application's
-%% `authkey', is in the helper's environment and in no command line.
+%% The auth key, from the OS environment, from the application's
+%% `authkey' or from a key file (`authkey_file'), is in the helper's
+%% environment (the file's path, for the file) and in no command line.
 authkey_not_in_cmdline(Config) ->
     Key = "tskey-auth-trust-" ++ integer_to_list(erlang:unique_integer([positive]))
         ++ "-" ++ binary_to_list(binary:encode_hex(crypto:strong_rand_bytes(8))),
@@ -259,10 +260,21 @@ authkey_not_in_cmdline(Config) ->
     %% not distributed at boot, so the application's key is set first
     AppKey = Key ++ "-app",
     {Q, nonode@nohost} = start_node(Config, undefined, "keyapp"),
+    %% and from a key file (`authkey_file'): its path in the environment
+    FileKey = Key ++ "-file",
+    KeyFile = filename:join(?config(run_dir, Config), "authkey"),
+    ok = file:write_file(KeyFile, FileKey),
+    ok = file:change_mode(KeyFile, 8#600),
+    {R, nonode@nohost} = start_node(Config, undefined, "keyfile"),
     try
         ok = peer:call(Q, application, set_env, [tsdist, authkey, AppKey]),
         {ok, _} = peer:call(Q, net_kernel, start, [[k@keyapp, shortnames]], 30000),
         ?assertEqual(pong, peer:call(P, net_adm, ping, [k@keyapp], 15000)),
+        ok = peer:call(R, application, set_env, [tsdist, authkey_file, KeyFile]),
+        {ok, _} = peer:call(R, net_kernel, start, [[k@keyfile, shortnames]], 30000),
+        ?assertEqual(pong, peer:call(P, net_adm, ping, [k@keyfile], 15000)),
+        HelperR = maps:get(helper_os_pid, peer:call(R, tailscale_helper, info, [])),
+        ?assertNotEqual(nomatch, string:find(environ(HelperR), "TS_AUTHKEY_FILE=" ++ KeyFile)),
         [HelperP, HelperQ] = [maps:get(helper_os_pid, peer:call(N, tailscale_helper, info, [])) || N <- [P, Q]],
         Cmdlines = cmdlines(),
         %% positive controls: the scan sees both helpers' command lines, and
@@ -274,7 +286,7 @@ authkey_not_in_cmdline(Config) ->
         ?assertEqual([], [{Pid, C} || {Pid, C} <- Cmdlines, string:find(C, Key) =/= nomatch]),
         ct:log("~p command lines scanned; the key is in none", [length(Cmdlines)])
     after
-        peer:stop(P), peer:stop(Q)
+        peer:stop(P), peer:stop(Q), peer:stop(R)
     end.
 
 %%% Strangers
