@@ -324,6 +324,12 @@ stranger_takes_name(Config) ->
         [#{<<"user">> := StrangerUser, <<"dns_name">> := StrangerDns, <<"ips">> := [StrangerIP | _]}] =
             stranger_seen(A, BetaUser),
         ct:log("the stranger: ~s (~s, ~s)", [StrangerDns, StrangerUser, StrangerIP]),
+        %% by its address, every outgoing request is refused, naming it
+        Addr = binary_to_list(StrangerIP),
+        [?assertMatch({error, {not_allowed, _, #{<<"user">> := StrangerUser, <<"ips">> := [StrangerIP | _]}}},
+                      peer:call(A, tailscale_helper, F, Args))
+         || {F, Args} <- [{port_please, ["app", Addr, 5000]}, {names, [Addr, 5000]},
+                          {dial, [Addr, 4369, 5000]}]],
         %% while both run, alpha reaches the honest one
         true = peer:call(A, erlang, disconnect_node, [app@beta]),
         ?assertEqual(pong, peer:call(A, net_adm, ping, [app@beta], 15000)),
