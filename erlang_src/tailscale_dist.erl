@@ -200,6 +200,7 @@ who(Peer) ->
                                         {tags, []}, {ips, []}]]).
 
 %% net_kernel says only `pang'; the log says why.
+-spec setup_failed(node(), term()) -> no_return().
 setup_failed(Node, Reason) ->
     logger:notice("tailscale_dist: cannot connect to ~p: ~tp", [Node, Reason]),
     ?shutdown2(Node, Reason).
