@@ -121,7 +121,7 @@ func (c *client) names(req Request) {
 		return
 	}
 	if dropped > 0 {
-		c.s.logf("control: names of %s: %d entries left out (names EPMD does not accept, or more than %d)", req.Host, dropped, host.MaxNames)
+		c.s.logf("control: names of %s: %d entries left out (more than %d)", req.Host, dropped, host.MaxNames)
 	}
 	c.reply(req.ID, NamesResult{Host: req.Host, Names: names, Dropped: dropped}, nil)
 }

@@ -215,8 +215,7 @@ type NodeInfo struct {
 type NamesResult struct {
 	Host  string           `json:"host"`
 	Names []epmd.NameEntry `json:"names"` // sorted as the host's EPMD sent them
-	// Dropped counts the entries left out: names EPMD does not accept, and
-	// those past host.MaxNames.
+	// Dropped counts the entries left out, past host.MaxNames.
 	Dropped int `json:"dropped,omitempty"`
 }
 

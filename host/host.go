@@ -349,21 +349,18 @@ func (h *Host) PortPlease(ctx context.Context, host, name string) (epmd.Node, er
 const MaxNames = 256
 
 // Names lists the nodes registered on the EPMD of host, if the policy
-// admits it: at most MaxNames entries with valid node names; dropped
-// counts the entries left out (invalid names, or past the bound).
+// admits it: at most MaxNames entries; dropped counts those left out. An
+// answer longer than epmd.MaxNamesResponse, or with a name EPMD does not
+// accept, is an error (epmd.ErrMalformed).
 func (h *Host) Names(ctx context.Context, host string) (names []epmd.NameEntry, dropped int, err error) {
-	all, err := h.epmdCli.Names(ctx, host)
+	names, err = h.epmdCli.Names(ctx, host)
 	if err != nil {
 		return nil, 0, err
 	}
-	for _, e := range all {
-		if len(names) == MaxNames || epmd.ValidName(e.Name) != nil {
-			dropped++
-			continue
-		}
-		names = append(names, e)
+	if len(names) > MaxNames {
+		return names[:MaxNames], len(names) - MaxNames, nil
 	}
-	return names, dropped, nil
+	return names, 0, nil
 }
 
 // Status is the node's view of the tailnet (see [carrier.Node.Status]),
