@@ -17,10 +17,19 @@ import (
 )
 
 // claimTimeout bounds how long ergo's accept path waits for the tailnet
-// connection that its loopback connection stands for. The adapter dials
-// ergo's listener and records the pair at once, so only a loopback
-// connection from someone else ever waits this long.
+// connection that its loopback connection stands for, and how long a dial's
+// handshake waits for ergo's connection to the dial listener. The adapter
+// records each pair at once, so only a loopback connection from someone
+// else ever waits this long.
 const claimTimeout = 2 * time.Second
+
+// dialTicketTime bounds how long a route the registrar returned counts as
+// a dial under way (ergo dials it at once, and gives up after 3 s).
+const dialTicketTime = 10 * time.Second
+
+// maxHeld bounds the dial listener's connections held, unclaimed, while
+// dials are under way; past it, new ones are closed at once.
+const maxHeld = 64
 
 // replaceTimeout bounds the wait for ergo to let go of a connection to an
 // earlier incarnation of a peer (see replaceStale).
@@ -34,34 +43,52 @@ type session struct {
 	name     string // the peer's node name, once the handshake has told it
 	creation uint32 // the peer's incarnation, from the handshake
 	leftover []byte // bytes read past the handshake
+	ended    func() // tells the host the connection is no longer in use
 	once     sync.Once
 	gone     chan struct{} // closed once ergo has let go of the connection
 	goneOnce sync.Once
 }
 
-func newSession(tailnet net.Conn, peer carrier.Identity) *session {
-	return &session{tailnet: tailnet, peer: peer, gone: make(chan struct{})}
+// newSession makes a session of a tailnet connection, in use (for the
+// host's FIN grace, see host.Track) until closed.
+func (b *bridge) newSession(tailnet net.Conn, peer carrier.Identity) *session {
+	return &session{tailnet: tailnet, peer: peer, ended: b.n.host.Track(), gone: make(chan struct{})}
 }
 
-func (s *session) close() { s.once.Do(func() { s.tailnet.Close() }) }
+func (s *session) close() {
+	s.once.Do(func() {
+		s.tailnet.Close()
+		s.ended()
+	})
+}
 
 // bridge pairs ergo's loopback sockets with tailnet connections.
 type bridge struct {
 	n           *Node
 	ergoAddr    string       // ergo's loopback listener, once it has registered
-	trigger     net.Listener // the loopback listener that ergo's dials reach
+	trigger     net.Listener // the dial listener: the loopback listener that ergo's dials reach
 	triggerPort uint16
 
 	mu       sync.Mutex
 	closed   bool
 	arrived  chan struct{}                  // closed and renewed when waiting gains an entry
 	waiting  map[string]*session            // accepted, by the loopback address that will reach ergo
-	byDial   map[string]*session            // dialled, by ergo's loopback address
+	handing  int                            // accepted connections being handed to ergo, not yet waiting
+	dialing  int                            // dials under way: routes returned, their connection not yet claimed
+	held     map[string]*heldConn           // the dial listener's, unclaimed, by the address they came from
+	landed   chan struct{}                  // closed and renewed when held gains an entry
 	handed   map[lib.NetReadWriter]*session // handshake done, until Proto.Init
 	byName   map[string]*session
 	sessions map[*session]struct{}
-	loops    map[net.Conn]struct{} // our ends of ergo's loopback sockets, tied
+	loops    map[net.Conn]struct{} // our ends of ergo's loopback sockets, tied or claimed
 	wg       sync.WaitGroup
+}
+
+// heldConn is a connection to the dial listener that a dial under way may
+// claim; nothing is read from it or written to it meanwhile.
+type heldConn struct {
+	c     net.Conn
+	timer *time.Timer // refuses it after claimTimeout
 }
 
 func newBridge(n *Node) (*bridge, error) {
@@ -70,8 +97,9 @@ func newBridge(n *Node) (*bridge, error) {
 		return nil, fmt.Errorf("ergonode: loopback listener for ergo's dials: %w", err)
 	}
 	b := &bridge{
-		n: n, trigger: ln, triggerPort: uint16(ln.Addr().(*net.TCPAddr).Port), arrived: make(chan struct{}),
-		waiting: map[string]*session{}, byDial: map[string]*session{},
+		n: n, trigger: ln, triggerPort: uint16(ln.Addr().(*net.TCPAddr).Port),
+		arrived: make(chan struct{}), landed: make(chan struct{}),
+		waiting: map[string]*session{}, held: map[string]*heldConn{},
 		handed: map[lib.NetReadWriter]*session{}, byName: map[string]*session{},
 		sessions: map[*session]struct{}{}, loops: map[net.Conn]struct{}{},
 	}
@@ -79,45 +107,166 @@ func newBridge(n *Node) (*bridge, error) {
 	return b, nil
 }
 
-// triggerLoop accepts ergo's loopback dials. They carry nothing; each one
-// only ties the lifetime of its tailnet connection to ergo's socket.
+// triggerLoop accepts the dial listener's connections. ergo's carry
+// nothing; each one only ties the lifetime of its tailnet connection to
+// ergo's socket, once the dial's handshake has claimed it (claimDial). A
+// connection no dial can be waiting for is closed at once; one that comes
+// while dials are under way is held, unread, until a dial claims it, the
+// dials under way have found theirs, or claimTimeout.
 func (b *bridge) triggerLoop() {
 	for {
 		c, err := b.trigger.Accept()
 		if err != nil {
 			return
 		}
-		b.wg.Go(func() {
-			b.tie(c, func() *session {
-				b.mu.Lock()
-				defer b.mu.Unlock()
-				s := b.byDial[c.RemoteAddr().String()]
-				delete(b.byDial, c.RemoteAddr().String())
-				return s
-			})
-		})
+		key := c.RemoteAddr().String()
+		b.mu.Lock()
+		if b.closed || b.dialing == 0 || len(b.held) >= maxHeld || b.held[key] != nil {
+			b.mu.Unlock()
+			b.refuseLocal(c)
+			continue
+		}
+		hc := &heldConn{c: c}
+		hc.timer = time.AfterFunc(claimTimeout, func() { b.expire(key, hc) })
+		b.held[key] = hc
+		close(b.landed)
+		b.landed = make(chan struct{})
+		b.mu.Unlock()
 	}
 }
 
-// tie waits until ergo closes its end of the loopback connection c, then
-// closes the tailnet connection that find returns.
-func (b *bridge) tie(c net.Conn, find func() *session) {
+// refuseLocal closes a connection to the dial listener that no dial of
+// ergo's made.
+func (b *bridge) refuseLocal(c net.Conn) {
+	c.Close()
+	b.n.quietf("ergonode: refused a loopback connection from %v to the dial listener: no dial of ergo's is waiting for it", c.RemoteAddr())
+}
+
+// expire refuses a held connection that no dial claimed in time.
+func (b *bridge) expire(key string, hc *heldConn) {
+	b.mu.Lock()
+	if b.held[key] != hc {
+		b.mu.Unlock()
+		return
+	}
+	delete(b.held, key)
+	b.mu.Unlock()
+	b.refuseLocal(hc.c)
+}
+
+// dialTicket stands for one dial under way, from the route the registrar
+// returns to the handshake's claim of ergo's connection (or
+// dialTicketTime, if ergo never dials).
+type dialTicket struct {
+	b     *bridge
+	once  sync.Once
+	timer *time.Timer
+}
+
+// expectDial records a dial under way, so that the dial listener holds the
+// connections that come meanwhile for it to claim.
+func (b *bridge) expectDial() (*dialTicket, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed {
+		return nil, errors.New("ergonode: node stopped")
+	}
+	b.dialing++
+	t := &dialTicket{b: b}
+	t.timer = time.AfterFunc(dialTicketTime, t.done)
+	return t, nil
+}
+
+// done ends the dial: when no other is under way, the connections still
+// held are none of ergo's, and are closed.
+func (t *dialTicket) done() {
+	t.once.Do(func() {
+		t.timer.Stop()
+		b := t.b
+		b.mu.Lock()
+		b.dialing--
+		var refuse []*heldConn
+		if b.dialing == 0 {
+			for key, hc := range b.held {
+				hc.timer.Stop()
+				refuse = append(refuse, hc)
+				delete(b.held, key)
+			}
+		}
+		b.mu.Unlock()
+		for _, hc := range refuse {
+			b.refuseLocal(hc.c)
+		}
+	})
+}
+
+// claimDial takes the dial listener's connection from addr, the address
+// ergo dialled from, for the dial of ticket t, which it ends. It waits
+// claimTimeout at most for the connection to be accepted.
+func (b *bridge) claimDial(addr string, t *dialTicket) (net.Conn, error) {
+	defer t.done()
+	deadline := time.NewTimer(claimTimeout)
+	defer deadline.Stop()
+	for {
+		b.mu.Lock()
+		if b.closed {
+			b.mu.Unlock()
+			return nil, errors.New("ergonode: node stopped")
+		}
+		if hc, ok := b.held[addr]; ok {
+			hc.timer.Stop()
+			delete(b.held, addr)
+			b.loops[hc.c] = struct{}{}
+			b.mu.Unlock()
+			return hc.c, nil
+		}
+		landed := b.landed
+		b.mu.Unlock()
+		select {
+		case <-landed:
+		case <-deadline.C:
+			return nil, fmt.Errorf("ergonode: ergo's connection from %s never reached the dial listener", addr)
+		}
+	}
+}
+
+// unclaim closes a claimed connection of the dial listener whose dial
+// failed.
+func (b *bridge) unclaim(c net.Conn) {
+	b.mu.Lock()
+	delete(b.loops, c)
+	b.mu.Unlock()
+	c.Close()
+}
+
+// tie starts waiting until ergo closes its end of the loopback connection
+// c, which is in b.loops, then closes s, which it adds to the sessions.
+// Stopped, it closes both at once and reports false.
+func (b *bridge) tie(c net.Conn, s *session, untie func()) bool {
 	b.mu.Lock()
 	if b.closed {
 		b.mu.Unlock()
 		c.Close()
-		return
+		s.close()
+		return false
 	}
 	b.loops[c] = struct{}{}
+	b.sessions[s] = struct{}{}
+	b.wg.Add(1) // under b.mu, so never after close has started to wait
 	b.mu.Unlock()
-	io.Copy(io.Discard, c) // ergo never writes to it: this waits for its close
-	c.Close()
-	b.mu.Lock()
-	delete(b.loops, c)
-	b.mu.Unlock()
-	if s := find(); s != nil {
+	go func() {
+		defer b.wg.Done()
+		io.Copy(io.Discard, c) // ergo never writes to it: this waits for its close
+		c.Close()
+		b.mu.Lock()
+		delete(b.loops, c)
+		b.mu.Unlock()
+		if untie != nil {
+			untie()
+		}
 		b.drop(s)
-	}
+	}()
+	return true
 }
 
 // drop closes s and forgets it.
@@ -154,54 +303,52 @@ func (b *bridge) replaceStale(name string, creation uint32) {
 	}
 }
 
-func (b *bridge) add(s *session) error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.closed {
-		return errors.New("ergonode: node stopped")
-	}
-	b.sessions[s] = struct{}{}
-	return nil
-}
-
 // accept hands an admitted tailnet connection to ergo: it dials ergo's
 // loopback listener and leaves the connection waiting for ergo's
 // handshake to claim it by that dial's address.
 func (b *bridge) accept(conn net.Conn, peer carrier.Identity) error {
 	b.mu.Lock()
-	addr := b.ergoAddr
+	addr, closed := b.ergoAddr, b.closed
 	b.mu.Unlock()
-	if addr == "" {
+	switch {
+	case closed:
+		return errors.New("ergonode: node stopped")
+	case addr == "":
 		return errors.New("ergo's listener is not up")
 	}
-	s := newSession(conn, peer)
-	if err := b.add(s); err != nil {
-		return err
-	}
+	b.mu.Lock()
+	b.handing++
+	b.mu.Unlock()
 	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
 	if err != nil {
-		b.drop(s)
+		b.mu.Lock()
+		b.handing--
+		b.mu.Unlock()
 		return fmt.Errorf("reaching ergo's listener: %w", err)
 	}
+	s := b.newSession(conn, peer)
 	key := c.LocalAddr().String()
 	b.mu.Lock()
+	b.handing--
 	b.waiting[key] = s
 	close(b.arrived)
 	b.arrived = make(chan struct{})
 	b.mu.Unlock()
-	b.wg.Go(func() {
-		b.tie(c, func() *session {
-			b.mu.Lock()
-			defer b.mu.Unlock()
-			delete(b.waiting, key) // if ergo never claimed it
-			return s
-		})
-	})
+	untie := func() {
+		b.mu.Lock()
+		delete(b.waiting, key) // if ergo never claimed it
+		b.mu.Unlock()
+	}
+	if !b.tie(c, s, untie) {
+		untie()
+		return errors.New("ergonode: node stopped")
+	}
 	return nil
 }
 
 // claim returns the tailnet connection waiting for ergo's loopback
-// connection from remote, or nil after claimTimeout.
+// connection from remote; nil at once if none is on its way, else nil
+// after claimTimeout.
 func (b *bridge) claim(remote string) *session {
 	deadline := time.NewTimer(claimTimeout)
 	defer deadline.Stop()
@@ -212,9 +359,9 @@ func (b *bridge) claim(remote string) *session {
 			b.mu.Unlock()
 			return s
 		}
-		arrived, closed := b.arrived, b.closed
+		arrived, none := b.arrived, b.closed || b.handing == 0
 		b.mu.Unlock()
-		if closed {
+		if none {
 			return nil
 		}
 		select {
@@ -256,18 +403,23 @@ func (b *bridge) identity(peer string) (carrier.Identity, bool) {
 	return s.peer, true
 }
 
-// close closes every tailnet connection and the trigger listener, and
-// waits for the bridge's goroutines. It returns how many connections it
-// closed.
-func (b *bridge) close() int {
+// close closes every tailnet connection, the dial listener and what it
+// holds, and waits for the bridge's goroutines.
+func (b *bridge) close() {
 	b.mu.Lock()
 	b.closed = true
 	close(b.arrived)
 	b.arrived = make(chan struct{})
-	sessions, loops := b.sessions, b.loops
-	b.sessions, b.loops = map[*session]struct{}{}, map[net.Conn]struct{}{}
+	close(b.landed)
+	b.landed = make(chan struct{})
+	sessions, loops, held := b.sessions, b.loops, b.held
+	b.sessions, b.loops, b.held = map[*session]struct{}{}, map[net.Conn]struct{}{}, map[string]*heldConn{}
 	b.mu.Unlock()
 	b.trigger.Close()
+	for _, hc := range held {
+		hc.timer.Stop()
+		hc.c.Close()
+	}
 	for s := range sessions {
 		s.close()
 	}
@@ -277,7 +429,6 @@ func (b *bridge) close() int {
 		c.Close()
 	}
 	b.wg.Wait()
-	return len(sessions)
 }
 
 // listenHandshake is the Handshake of ergo's (loopback) listener: it runs
@@ -298,7 +449,7 @@ func (h *listenHandshake) Version() node.HandshakeVersion { return h.inner.Versi
 func (h *listenHandshake) Accept(remote net.Addr, conn lib.NetReadWriter, tls bool, cookie string) (node.HandshakeDetails, error) {
 	s := h.b.claim(remote.String())
 	if s == nil {
-		h.b.n.logf("ergonode: refused a loopback connection from %v: it did not come through the tailnet", remote)
+		h.b.n.quietf("ergonode: refused a loopback connection from %v: it did not come through the tailnet", remote)
 		return node.HandshakeDetails{}, fmt.Errorf("ergonode: %v did not come through the tailnet", remote)
 	}
 	hc := &handshakeConn{conn: s.tailnet}
@@ -314,14 +465,17 @@ func (h *listenHandshake) Accept(remote net.Addr, conn lib.NetReadWriter, tls bo
 }
 
 // dialHandshake is the Handshake of one route the registrar resolved: it
-// dials the peer over the tailnet and runs ergo's handshake there.
+// takes ergo's connection to the dial listener, dials the peer's device
+// over the tailnet and runs ergo's handshake there.
 type dialHandshake struct {
 	node.Handshake
-	inner node.HandshakeInterface
-	b     *bridge
-	host  string
-	port  uint16
-	peer  string // the node name dialled
+	inner  node.HandshakeInterface
+	b      *bridge
+	ticket *dialTicket
+	host   string // the host part of the node name dialled
+	at     string // the tailnet address host was resolved to, among the admitted devices
+	port   uint16
+	peer   string // the node name dialled
 }
 
 func (h *dialHandshake) Version() node.HandshakeVersion { return h.inner.Version() }
@@ -329,25 +483,29 @@ func (h *dialHandshake) Version() node.HandshakeVersion { return h.inner.Version
 func (h *dialHandshake) Start(remote net.Addr, conn lib.NetReadWriter, tls bool, cookie string) (node.HandshakeDetails, error) {
 	local, ok := conn.(net.Conn)
 	if !ok {
+		h.ticket.done()
 		return node.HandshakeDetails{}, fmt.Errorf("ergonode: ergo dialled with a %T", conn)
 	}
-	ctx, cancel := context.WithTimeout(h.b.n.ctx, resolveTimeout)
-	defer cancel()
-	tc, err := h.b.n.tailnet.Dial(ctx, h.host, h.port)
+	b := h.b
+	loop, err := b.claimDial(local.LocalAddr().String(), h.ticket)
 	if err != nil {
-		return node.HandshakeDetails{}, fmt.Errorf("ergonode: dialling %s over the tailnet: %w", h.peer, err)
-	}
-	s := newSession(tc, carrier.Identity{})
-	if id, err := h.b.n.tailnet.WhoIs(ctx, tc.RemoteAddr().String()); err == nil {
-		s.peer = id
-	}
-	if err := h.b.add(s); err != nil {
-		tc.Close()
+		b.n.logf("ergonode: not connecting to %s: %v", h.peer, err)
 		return node.HandshakeDetails{}, err
 	}
-	h.b.mu.Lock()
-	h.b.byDial[local.LocalAddr().String()] = s
-	h.b.mu.Unlock()
+	ctx, cancel := context.WithTimeout(b.n.ctx, resolveTimeout)
+	defer cancel()
+	// The device the registrar found, checked against the policy again
+	// once connected.
+	tc, peer, err := b.n.host.Dial(ctx, h.at, h.port)
+	if err != nil {
+		b.unclaim(loop)
+		b.n.quietf("ergonode: dialling %s (%s at %s) over the tailnet: %v", h.peer, h.host, h.at, err)
+		return node.HandshakeDetails{}, fmt.Errorf("ergonode: dialling %s (%s at %s) over the tailnet: %w", h.peer, h.host, h.at, err)
+	}
+	s := b.newSession(tc, peer)
+	if !b.tie(loop, s, nil) {
+		return node.HandshakeDetails{}, errors.New("ergonode: node stopped")
+	}
 	hc := &handshakeConn{conn: tc}
 	details, err := h.inner.Start(tc.RemoteAddr(), hc, false, cookie)
 	if err == nil && details.Name != h.peer {
@@ -358,7 +516,7 @@ func (h *dialHandshake) Start(remote net.Addr, conn lib.NetReadWriter, tls bool,
 		return details, err
 	}
 	s.leftover = hc.leftover()
-	h.b.handshakeDone(conn, s, details)
+	b.handshakeDone(conn, s, details)
 	return details, nil
 }
 
@@ -406,25 +564,41 @@ func (r *registrar) Register(ctx context.Context, nodename string, options node.
 	return nil
 }
 
-// Resolve asks the EPMD of the peer's tailnet host for its port, and
-// returns a route whose handshake dials it over the tailnet.
+// Resolve finds the peer's host among the devices the access policy
+// admits, asks that device's tailnet EPMD for the peer's port, and returns
+// a route whose handshake dials the same device over the tailnet. A host
+// that only devices outside the policy answer to is refused
+// (*host.NotAllowedError, logged) before a byte is sent to any of them.
 func (r *registrar) Resolve(peername string) (node.Route, error) {
-	alive, host, ok := strings.Cut(peername, "@")
-	if !ok || host == "" {
+	alive, hostPart, ok := strings.Cut(peername, "@")
+	if !ok || hostPart == "" {
 		return node.Route{}, fmt.Errorf("ergonode: node name %q must look like name@host", peername)
 	}
 	ctx, cancel := context.WithTimeout(r.n.ctx, resolveTimeout)
 	defer cancel()
-	ep, err := r.n.epmdCli.PortPlease(ctx, host, alive)
+	h := r.n.host
+	ip, _, err := h.Resolve(ctx, hostPart)
 	if err != nil {
-		return node.Route{}, fmt.Errorf("ergonode: resolving %s: %w", peername, err)
+		r.n.quietf("ergonode: not connecting to %s: %v", peername, err)
+		return node.Route{}, fmt.Errorf("ergonode: not connecting to %s: %w", peername, err)
+	}
+	at := ip.String()
+	ep, err := h.PortPlease(ctx, at, alive)
+	if err != nil {
+		r.n.quietf("ergonode: resolving %s (%s at %s): %v", peername, hostPart, at, err)
+		return node.Route{}, fmt.Errorf("ergonode: resolving %s (%s at %s): %w", peername, hostPart, at, err)
+	}
+	ticket, err := r.n.bridge.expectDial()
+	if err != nil {
+		return node.Route{}, err
 	}
 	return node.Route{
 		Node: peername,
 		Host: "127.0.0.1",
 		Port: r.n.bridge.triggerPort,
 		Options: node.RouteOptions{Handshake: &dialHandshake{
-			inner: r.handshake, b: r.n.bridge, host: host, port: ep.Port, peer: peername,
+			inner: r.handshake, b: r.n.bridge, ticket: ticket,
+			host: hostPart, at: at, port: ep.Port, peer: peername,
 		}},
 	}, nil
 }

@@ -2,12 +2,27 @@
 // (github.com/ergo-services/ergo v1.999.224), as its own device on a
 // tailnet: the same cluster, by hostname, as BEAM nodes using tsdist.
 //
-// The Go program embeds its own tailnet node (tsnet, through package
-// carrier; no helper process), answers EPMD on its tailnet address for its
-// own name, resolves peers through the tailnet EPMD of their hosts, and
-// accepts and dials distribution connections over the tailnet, admitting
-// only the peers its access policy allows (package access, default
-// "owner").
+// The Go program embeds its own tsdist device (package host: a tailnet
+// node through package carrier, its EPMD on tailnet port 4369, its access
+// policy; no helper process). It answers EPMD on its tailnet address for
+// its own name, resolves peers through the tailnet EPMD of their hosts, and
+// accepts and dials distribution connections over the tailnet.
+//
+// # One policy, both directions
+//
+// The access policy (package access, default "owner") decides every
+// exchange with another device, as it does for a BEAM node's helper:
+//
+//   - Accepting: a connection to the distribution port or to EPMD from a
+//     device the policy does not admit is closed before a byte is read.
+//   - Dialling: a peer's host name is resolved only among the devices the
+//     policy admits ([host.Host.Resolve]); the EPMD look-up and the
+//     distribution connection go to that one device, and the device at the
+//     other end is checked again once connected. A name that only other
+//     devices answer to (a stranger that asked for the hostname "beta") is
+//     never sent a byte: ergo's connect fails, and the refusal, naming the
+//     host and the device found, goes to Options.Logf. (ergo reports every
+//     failed connect as lib.ErrNoRoute, whatever the cause.)
 //
 // # How connections reach ergo
 //
@@ -27,13 +42,20 @@
 //     refused before a byte is read, so a local process cannot reach the
 //     node around the tailnet's identity check (and it would still need the
 //     cookie).
-//   - Dialing: the Registrar resolves a peer on its host's tailnet EPMD and
-//     returns a route to a loopback listener of the adapter's, whose
-//     Handshake dials the tailnet.
+//   - Dialling: the Registrar resolves a peer on its host's tailnet EPMD and
+//     returns a route to a loopback listener of the adapter's (the dial
+//     listener), whose Handshake dials the tailnet. The Handshake first
+//     takes the dial listener's connection from the exact address ergo
+//     dialled from; any other local connection to that listener is closed
+//     without a byte read or written: at once when no dial is under way,
+//     else as soon as the dials under way have found their own. A local
+//     process can neither stand in for ergo's connection nor hold the
+//     listener's connections open.
 //
 // Each tailnet connection lives exactly as long as ergo's loopback socket:
 // when ergo closes its end, the adapter sees end-of-file on the other and
-// closes the tailnet connection.
+// closes the tailnet connection. Stop closes them all, and the host waits
+// [host.FINGrace] for their last packets before it leaves the tailnet.
 //
 // # What this repairs in ergo
 //
@@ -50,7 +72,6 @@ package ergonode
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log"
 	"net"
@@ -65,6 +86,7 @@ import (
 	"github.com/tsdist/tsdist/access"
 	"github.com/tsdist/tsdist/carrier"
 	"github.com/tsdist/tsdist/epmd"
+	"github.com/tsdist/tsdist/host"
 	"tailscale.com/types/logger"
 )
 
@@ -78,8 +100,9 @@ type Options struct {
 	// When the control URL is on loopback (the offline tailnet), every
 	// packet is kept on loopback (carrier.KeepToLoopback).
 	Tailnet carrier.Config
-	// Allow is the access policy for peers connecting to this node and
-	// its EPMD (see package access). Empty means access.Default, "owner".
+	// Allow is the access policy (see package access) for the peers that
+	// connect to this node and its EPMD, and for the peers it connects to
+	// or asks for ports. Empty means access.Default, "owner".
 	Allow string
 	// Port is the tailnet port for distribution connections. Zero picks
 	// a free one; peers learn it from this node's tailnet EPMD.
@@ -94,37 +117,32 @@ type Options struct {
 	// is at most the package's FragmentationUnit (see there) and
 	// NumHandlers is always 1 (see docs/ergo.md: more reorder messages).
 	ProtoOptions node.ProtoOptions
-	// Logf receives the adapter's log lines: refused peers, repairs that
-	// could not be made. Nil means the standard logger.
+	// Logf receives the adapter's and its device's log lines: refused
+	// peers (both directions), repairs that could not be made. Nil means
+	// the standard logger.
 	Logf logger.Logf
 }
 
 // resolveTimeout bounds one EPMD lookup of a peer over the tailnet.
 const resolveTimeout = 10 * time.Second
 
-// finGrace is how long Stop keeps the tailnet up after closing the node's
-// connections, for their FINs to get out (the helper waits as long).
-const finGrace = 300 * time.Millisecond
-
 // Node is an ergo node on a tailnet. Its embedded node.Node is the ergo
 // node itself: spawn processes, send, link and monitor with it as usual.
 type Node struct {
 	node.Node
 
-	name    string
-	tailnet *carrier.Node
-	gate    *access.Gate
-	logf    logger.Logf
-	refs    *longRefs
-	bridge  *bridge
-	port    uint16 // the tailnet distribution port
+	name string
+	host *host.Host
+	logf logger.Logf
+	// quietf is logf, rate-limited, for what others can make happen as
+	// often as they like: local connections refused, dials refused.
+	quietf logger.Logf
+	refs   *longRefs
+	bridge *bridge
+	port   uint16 // the tailnet distribution port
 
-	registry *epmd.Registry
-	epmdSrv  *epmd.Server
-	epmdCli  epmd.Client
-	reg      *epmd.Registration
-	distLn   net.Listener
-	epmdLn   net.Listener
+	reg    *epmd.Registration
+	distLn net.Listener
 
 	tempDir string // an ephemeral node's state directory, removed by Stop
 
@@ -139,16 +157,24 @@ type Node struct {
 // the device's tailnet EPMD once the node can answer. ctx bounds the start
 // (joining the tailnet included); the node runs until Stop.
 func Start(ctx context.Context, name, cookie string, opts Options) (_ *Node, err error) {
-	alive, host, ok := strings.Cut(name, "@")
-	if !ok || host == "" {
+	alive, hostPart, ok := strings.Cut(name, "@")
+	if !ok || hostPart == "" {
 		return nil, fmt.Errorf("ergonode: node name %q must look like name@host", name)
 	}
 	if err := epmd.ValidName(alive); err != nil {
 		return nil, fmt.Errorf("ergonode: node name %q: %w", name, err)
 	}
 	o := opts.Ergo
-	if o.Listeners != nil || o.Registrar != nil || o.Handshake != nil || o.Proto != nil || o.StaticRoutesOnly {
-		return nil, errors.New("ergonode: Options.Ergo must leave Listeners, Registrar, Handshake, Proto and StaticRoutesOnly to the adapter")
+	for _, f := range []struct {
+		name string
+		set  bool
+	}{
+		{"Listeners", o.Listeners != nil}, {"Registrar", o.Registrar != nil}, {"Handshake", o.Handshake != nil},
+		{"Proto", o.Proto != nil}, {"StaticRoutesOnly", o.StaticRoutesOnly},
+	} {
+		if f.set {
+			return nil, fmt.Errorf("ergonode: Options.Ergo.%s must be left zero: the adapter sets it", f.name)
+		}
 	}
 	policy, err := access.Parse(opts.Allow)
 	if err != nil {
@@ -156,7 +182,7 @@ func Start(ctx context.Context, name, cookie string, opts Options) (_ *Node, err
 	}
 	cfg := opts.Tailnet
 	if cfg.Hostname == "" {
-		cfg.Hostname, _, _ = strings.Cut(host, ".")
+		cfg.Hostname, _, _ = strings.Cut(hostPart, ".")
 	}
 	var tempDir string
 	if cfg.Dir == "" && cfg.Ephemeral {
@@ -165,15 +191,13 @@ func Start(ctx context.Context, name, cookie string, opts Options) (_ *Node, err
 		}
 		cfg.Dir = tempDir
 	}
-	if carrier.IsLoopbackURL(cfg.ControlURL) {
-		carrier.KeepToLoopback()
-	}
 	logf := opts.Logf
 	if logf == nil {
 		logf = log.Printf
 	}
 
-	tn, err := carrier.New(cfg)
+	// A control URL on loopback keeps every packet on loopback (host.New).
+	h, err := host.New(host.Config{Tailnet: cfg, Policy: policy, Logf: logf})
 	if err != nil {
 		if tempDir != "" {
 			os.RemoveAll(tempDir)
@@ -182,26 +206,25 @@ func Start(ctx context.Context, name, cookie string, opts Options) (_ *Node, err
 	}
 	nctx, cancel := context.WithCancel(context.Background())
 	n := &Node{
-		name: name, tailnet: tn, logf: logf, refs: newLongRefs(),
-		gate: access.NewGate(tn, logf), registry: epmd.NewRegistry(),
-		ctx: nctx, cancel: cancel, tempDir: tempDir,
+		name: name, host: h, logf: logf, quietf: logger.RateLimitedFn(logf, time.Minute, 10, 100),
+		refs: newLongRefs(), ctx: nctx, cancel: cancel, tempDir: tempDir,
 	}
-	n.epmdCli.Dial = tn.DialAddr
-	n.gate.SetPolicy(policy)
 	defer func() {
 		if err != nil {
 			n.Stop()
 		}
 	}()
-	if err := tn.Up(ctx); err != nil {
+	if err := h.Up(ctx); err != nil {
 		return nil, fmt.Errorf("ergonode: joining the tailnet: %w", err)
 	}
-	if n.epmdLn, err = tn.Listen(epmd.DefaultPort); err != nil {
-		return nil, fmt.Errorf("ergonode: EPMD on the tailnet: %w", err)
-	}
-	n.epmdSrv = &epmd.Server{Registry: n.registry, Logf: logger.RateLimitedFn(logf, time.Minute, 20, 100)}
-	n.wg.Go(func() { n.epmdSrv.Serve(n.gate.Guard(nctx, n.epmdLn, "EPMD")) })
-	if n.distLn, err = tn.Listen(opts.Port); err != nil {
+	n.wg.Go(func() {
+		select {
+		case err := <-h.Failed():
+			n.logf("ergonode: %v", err)
+		case <-nctx.Done():
+		}
+	})
+	if n.distLn, err = h.Node().Listen(opts.Port); err != nil {
 		return nil, fmt.Errorf("ergonode: distribution listener on the tailnet: %w", err)
 	}
 	if n.port, err = carrier.AddrPort(n.distLn.Addr().String()); err != nil {
@@ -241,8 +264,7 @@ func Start(ctx context.Context, name, cookie string, opts Options) (_ *Node, err
 		return nil, err
 	}
 	n.wg.Go(func() { n.acceptLoop() })
-	n.wg.Go(func() { carrier.ReleaseMemory(nctx) })
-	n.reg, err = n.registry.Register(epmd.Node{
+	n.reg, err = h.Registry().Register(epmd.Node{
 		Name: alive, Port: n.port, Type: epmd.NodeTypeNormal, Protocol: epmd.ProtocolTCP,
 		HighestVersion: 6, LowestVersion: 5,
 	})
@@ -253,8 +275,9 @@ func Start(ctx context.Context, name, cookie string, opts Options) (_ *Node, err
 }
 
 // Stop stops the ergo node, withdraws its name from the tailnet EPMD,
-// closes every connection and leaves the tailnet. It returns once all of
-// the adapter's goroutines have ended.
+// closes every connection and leaves the tailnet (after the host's FIN
+// grace, so that peers learn at once that the connections ended). It
+// returns once all of the adapter's goroutines have ended.
 func (n *Node) Stop() {
 	n.stopOnce.Do(func() {
 		if n.reg != nil {
@@ -268,19 +291,10 @@ func (n *Node) Stop() {
 			n.Node.Wait()
 		}
 		n.cancel()
-		if n.bridge != nil && n.bridge.close() > 0 {
-			// Peers learn that their connections ended from the FINs
-			// just sent; leaving the tailnet at once would drop them,
-			// and BEAM peers would notice only at their net_ticktime.
-			time.Sleep(finGrace)
+		if n.bridge != nil {
+			n.bridge.close()
 		}
-		if n.epmdSrv != nil {
-			n.epmdSrv.Close()
-		}
-		if n.epmdLn != nil {
-			n.epmdLn.Close()
-		}
-		n.tailnet.Close()
+		n.host.Close()
 		n.wg.Wait()
 		if n.tempDir != "" {
 			os.RemoveAll(n.tempDir)
@@ -288,17 +302,23 @@ func (n *Node) Stop() {
 	})
 }
 
+// Host returns the node's tsdist device: its tailnet node, EPMD and access
+// policy. Dial and look up other devices through it, not through its
+// tailnet node, for the policy to apply.
+func (n *Node) Host() *host.Host { return n.host }
+
 // Tailnet returns the node's tailnet device, for status and identity
-// lookups.
-func (n *Node) Tailnet() *carrier.Node { return n.tailnet }
+// lookups. It applies no access policy; see Host.
+func (n *Node) Tailnet() *carrier.Node { return n.host.Node() }
 
 // TailnetPort returns the tailnet port the node accepts distribution
 // connections on.
 func (n *Node) TailnetPort() uint16 { return n.port }
 
-// SetPolicy replaces the access policy for connections accepted from now
-// on (see package access).
-func (n *Node) SetPolicy(p access.Policy) { n.gate.SetPolicy(p) }
+// SetPolicy replaces the access policy (see package access) for the
+// connections accepted and the peers dialled and looked up from now on;
+// connections already up are not affected.
+func (n *Node) SetPolicy(p access.Policy) { n.host.SetPolicy(p) }
 
 // Identity returns the tailnet identity of the connected node peer (for
 // example "app@alpha"): its tailnet device, owner and tags, as the
@@ -316,7 +336,7 @@ func (n *Node) acceptLoop() {
 			return
 		}
 		n.wg.Go(func() {
-			peer, err := n.gate.Admit(n.ctx, conn, fmt.Sprintf("distribution port %d", n.port))
+			peer, err := n.host.Admit(n.ctx, conn, fmt.Sprintf("distribution port %d", n.port))
 			if err != nil {
 				conn.Close()
 				return
