@@ -33,7 +33,7 @@ func Example() {
 			Dir:     "/var/lib/go-node", // the device's keys and login
 			AuthKey: os.Getenv("TS_AUTHKEY"),
 		},
-		Allow: "tag:erlang", // only the cluster's tagged devices may connect
+		Allow: "tag:erlang", // only the cluster's tagged devices, to and from this node
 	})
 	if err != nil {
 		log.Fatal(err)

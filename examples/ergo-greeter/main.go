@@ -39,7 +39,7 @@ func main() {
 	authKey := flag.String("authkey", os.Getenv("TS_AUTHKEY"), "auth `key` (env TS_AUTHKEY); without one, a login URL is printed")
 	stateDir := flag.String("state-dir", os.Getenv("TS_STATE_DIR"), "`dir` for the device's keys and login (env TS_STATE_DIR)")
 	ephemeral := flag.Bool("ephemeral", false, "leave the tailnet when the node stops, keeping no state")
-	allow := flag.String("allow", os.Getenv("TSDIST_ALLOW"), "which tailnet peers may connect (env TSDIST_ALLOW); default owner")
+	allow := flag.String("allow", os.Getenv("TSDIST_ALLOW"), "which tailnet peers the node accepts connections from and connects to (env TSDIST_ALLOW); default owner")
 	flag.Parse()
 	if *cookie == "" || (*stateDir == "" && !*ephemeral) {
 		log.Fatal("ergo-greeter: -cookie and -state-dir (or -ephemeral) are required")
