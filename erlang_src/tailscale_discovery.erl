@@ -194,8 +194,8 @@ admitted(#{<<"allowed">> := true}) -> true;
 admitted(#{<<"allowed">> := _}) -> false;
 admitted(_) ->
     report(no_allowed_field, helper, 1,
-           fun(N) -> io_lib:format("the helper's peers carry no `allowed' (an older tsdist helper?): "
-                                   "~b peer(s) skipped; update bin/tsdist", [N]) end),
+           fun(N) -> {"the helper's peers carry no `allowed' (an older tsdist helper?): "
+                      "~b peer(s) skipped; update bin/tsdist", [N]} end),
     false.
 
 checked_names(Host, {ok, Listed, Dropped}) ->
@@ -205,18 +205,18 @@ checked_names(Host, {ok, Listed, Dropped}) ->
     Rejected > 0 andalso
         report(names, Host, Rejected,
                fun(N) ->
-                       io_lib:format("~ts's EPMD listed ~b name(s) that will not be connected: "
-                                     "~b not node names (~0tp), ~b beyond the limit of ~b per host, "
-                                     "~b left out by the helper; ~b in all since the last report",
-                                     [Host, Rejected, length(Invalid),
-                                      [string:slice(I, 0, 40) || I <- lists:sublist(Invalid, 3)],
-                                      Over, ?MAX_NAMES_PER_HOST, Dropped, N])
+                       {"~ts's EPMD listed ~b name(s) that will not be connected: "
+                        "~b not node names (~0tp), ~b beyond the limit of ~b per host, "
+                        "~b left out by the helper; ~b in all since the last report",
+                        [Host, Rejected, length(Invalid),
+                         [string:slice(I, 0, 40) || I <- lists:sublist(Invalid, 3)],
+                         Over, ?MAX_NAMES_PER_HOST, Dropped, N]}
                end),
     Names;
 checked_names(Host, {error, Reason}) ->
     report(names_failed, Host, 1,
-           fun(N) -> io_lib:format("cannot list the nodes of ~ts (~b time(s) since the last report): ~0tp",
-                                   [Host, N, Reason]) end),
+           fun(N) -> {"cannot list the nodes of ~ts (~b time(s) since the last report): ~0tp",
+                      [Host, N, Reason]} end),
     [].
 
 %% Logs once per Kind and Host a minute, with the Count accumulated
@@ -233,7 +233,10 @@ report(Kind, Host, Count, Format) ->
                           {_, P} -> P;
                           undefined -> 0
                       end,
-            logger:warning("tailscale_discovery: ~ts", [Format(Pending + Count)]),
+            %% What a host sent can be long (an error quoting its answer):
+            %% the line is cut at 1000 characters.
+            {Fmt, Args} = Format(Pending + Count),
+            logger:warning("tailscale_discovery: ~ts", [io_lib:format(Fmt, Args, [{chars_limit, 1000}])]),
             put(Key, {Now, 0})
     end,
     true.
