@@ -67,33 +67,42 @@ hostile_names_flood(Config) ->
     Hostile = tsdist_ct:start_hostile_peer(Config, "hostilea", ["-names", "50000"]),
     try
         hostile_discovery(Config, Hostile, "hostilea", "latea",
-                          fun(Log) -> string:find(Log, "hostilea's EPMD listed") =/= nomatch end)
+                          fun(Log) -> string:find(Log, "hostilea's EPMD listed") =/= nomatch end,
+                          fun(_) -> ok end)
     after
         tsdist_ct:stop_hostile_peer(Hostile)
     end.
 
-%% A 300-byte name between two good ones: the good ones are taken (and
-%% asked for), the long one makes no atom and no crash.
+%% A 300-byte name between two good ones: the helper refuses the whole
+%% answer (epmd_failed: a name `register' would not accept,
+%% docs/control-protocol.md "names"), so no name of it is taken, none
+%% becomes an atom, and discovery says so and goes on. (A long name in an
+%% answer the helper passes is turned down by discovery itself:
+%% tailscale_trust_tests:node_names_test.)
 hostile_long_name(Config) ->
     Hostile = tsdist_ct:start_hostile_peer(Config, "hostileb", ["-long-name", "300"]),
     try
-        {P, _} = hostile_discovery(Config, Hostile, "hostileb", "lateb",
-                                   fun(Log) -> string:find(Log, "hostileb's EPMD listed") =/= nomatch end),
-        %% positive control: the valid names of the same answer got through
-        Asked = [L || L <- tsdist_ct:hostile_lines(Hostile), lists:prefix("request port_please ok", L)],
-        ?assertEqual(["request port_please ok1", "request port_please ok2"], lists:usort(Asked)),
-        ?assertEqual(ok, peer:call(P, erlang, apply, [fun() ->
-            _ = list_to_existing_atom("ok1@hostileb"),
-            ok
-        end, []]))
+        Refused = fun(Log) ->
+                          string:find(Log, "cannot list the nodes of hostileb") =/= nomatch andalso
+                              string:find(Log, "epmd_failed") =/= nomatch
+                  end,
+        NoAtom = fun(P) ->
+                         ?assertEqual(refused, peer:call(P, erlang, apply, [fun() ->
+                             try list_to_existing_atom("ok1@hostileb") of _ -> made
+                             catch error:badarg -> refused
+                             end
+                         end, []]))
+                 end,
+        hostile_discovery(Config, Hostile, "hostileb", "lateb", Refused, NoAtom),
+        ?assertEqual([], [L || L <- tsdist_ct:hostile_lines(Hostile), lists:prefix("request port_please", L)])
     after
         tsdist_ct:stop_hostile_peer(Hostile)
     end.
 
 %% A discovering node whose filter matches the hostile peer, watched over
 %% several rescans; then a real node (on device Late) that it must still
-%% connect. Returns the discovering node.
-hostile_discovery(Config, Hostile, HostileHost, Late, Logged) ->
+%% connect. Check runs on the discovering node before it stops.
+hostile_discovery(Config, Hostile, HostileHost, Late, Logged, Check) ->
     Log = filename:join(?config(priv_dir, Config), HostileHost ++ "-discovery.log"),
     Pattern = "^(" ++ HostileHost ++ "|" ++ Late ++ ")$",
     {P, N} = start_node(Config, disc, "disc" ++ HostileHost),
@@ -128,7 +137,7 @@ hostile_discovery(Config, Hostile, HostileHost, Late, Logged) ->
             peer:stop(L)
         end,
         ct:log("the discovering node's log:~n~ts", [tsdist_ct:read_log(Log)]),
-        {P, N}
+        Check(P)
     after
         peer:stop(P)
     end.
