@@ -304,7 +304,8 @@ func (n *Node) Stop() {
 
 // Host returns the node's tsdist device: its tailnet node, EPMD and access
 // policy. Dial and look up other devices through it, not through its
-// tailnet node, for the policy to apply.
+// tailnet node, for the policy to apply. Stop closes it; do not close it
+// yourself.
 func (n *Node) Host() *host.Host { return n.host }
 
 // Tailnet returns the node's tailnet device, for status and identity
