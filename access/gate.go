@@ -107,14 +107,14 @@ func (g *Gate) Admit(ctx context.Context, conn net.Conn, what string) (carrier.I
 func (g *Gate) Check(ctx context.Context, peer carrier.Identity, what string) error {
 	self, err := g.selfIdentity(ctx)
 	if err != nil {
-		g.refused(peer.Node, "refused %s (%s) %s: this node's own identity is unknown: %v", peer.Node, peer.Addr, what, err)
+		g.refused(peer.Node, "refused %s (%s) %s: this node's own identity is unknown: %v", peer.Node, where(peer), what, err)
 		return fmt.Errorf("%w: %v", ErrDenied, err)
 	}
 	if isSelf(self, peer) {
 		return nil
 	}
 	if ok, why := g.Policy().Allow(self, peer); !ok {
-		g.refused(peer.DNSName+peer.Node, "refused %s (%s, user %q, tags %v) %s: %s", peer.Node, peer.Addr, peer.User, peer.Tags, what, why)
+		g.refused(peer.DNSName+peer.Node, "refused %s (%s, user %q, tags %v) %s: %s", peer.Node, where(peer), peer.User, peer.Tags, what, why)
 		return &DeniedError{Peer: peer, Why: why}
 	}
 	return nil
@@ -129,6 +129,15 @@ func (g *Gate) Allowed(ctx context.Context, peer carrier.Identity) bool {
 	}
 	ok, _ := g.Policy().Allow(self, peer)
 	return ok || isSelf(self, peer)
+}
+
+// where is a device's address for the log: the connection's remote end, or,
+// before any connection (a dial), its first tailnet address.
+func where(peer carrier.Identity) string {
+	if peer.Addr == "" && len(peer.IPs) > 0 {
+		return peer.IPs[0]
+	}
+	return peer.Addr
 }
 
 // isSelf reports whether peer is this node: a connection from one of its

@@ -95,7 +95,7 @@ func New(cfg Config) (*Host, error) {
 		carrier.KeepToLoopback()
 	}
 	if buildfeatures.HasPeerAPIServer {
-		logf("warning: built without -tags ts_omit_peerapiserver, so tailscale's PeerAPI will hold a TCP port open on this host (it answers tailnet peers only); build with `make build` to leave it out")
+		logf("warning: built without -tags ts_omit_peerapiserver, so tailscale's PeerAPI will hold a TCP port open on this host (it answers tailnet peers only); build with -tags ts_omit_peerapiserver (as `make build` does) to leave it out")
 	}
 	node, err := carrier.New(cfg.Tailnet)
 	if err != nil {
@@ -273,25 +273,27 @@ func (h *Host) Resolve(ctx context.Context, host string) (netip.Addr, carrier.Id
 	if err != nil {
 		return netip.Addr{}, carrier.Identity{}, err
 	}
+	// Allowed, not Check: a refused device that answers to the name as
+	// well as an admitted one is no refusal of anything this host does.
 	admitted := cands[:0:0]
-	why := map[string]string{} // by MagicDNS name, for the refused
 	for _, c := range cands {
-		err := h.gate.Check(ctx, c.Identity, "for "+host)
-		var denied *access.DeniedError
-		switch {
-		case err == nil:
+		if h.gate.Allowed(ctx, c.Identity) {
 			admitted = append(admitted, c)
-		case errors.As(err, &denied):
-			why[c.Identity.DNSName] = denied.Why
-		default:
-			return netip.Addr{}, carrier.Identity{}, err
 		}
 	}
 	if best, ok := carrier.Pick(admitted); ok {
 		return best.IP, best.Identity, nil
 	}
 	found, _ := carrier.Pick(cands)
-	return netip.Addr{}, found.Identity, &NotAllowedError{Host: host, Peer: found.Identity, Why: why[found.Identity.DNSName]}
+	err = h.gate.Check(ctx, found.Identity, "for "+host)
+	var denied *access.DeniedError
+	if !errors.As(err, &denied) {
+		if err == nil { // the policy changed in between and admits it now
+			return found.IP, found.Identity, nil
+		}
+		return netip.Addr{}, carrier.Identity{}, err
+	}
+	return netip.Addr{}, found.Identity, &NotAllowedError{Host: host, Peer: found.Identity, Why: denied.Why}
 }
 
 // Dial resolves host among the admitted devices and opens a TCP connection
