@@ -30,6 +30,7 @@ build-go:
 	$(GO) build -o bin/tsdist ./cmd/tsdist
 	$(GO) build -o bin/echo ./demo/echo
 	$(GO) build -o bin/ergoprobe ./test/ergoprobe
+	$(GO) build -o bin/hostilepeer ./test/hostilepeer
 	$(GO) build -o bin/ergo-greeter ./examples/ergo-greeter
 
 # The OTP side: erlang_src/ (rebar3, which runs `make nif` first).
@@ -69,14 +70,14 @@ fuzz:
 test-erlang: build
 	rebar3 eunit --dir test/erlang
 	cd elixir/libcluster_tailscale && MIX_ENV=test mix test
-	TSDIST_HELPER=$(CURDIR)/bin/tsdist rebar3 ct --dir test/erlang --suite tailscale_dist_SUITE,tailscale_discovery_SUITE,tailscale_ergo_SUITE
+	TSDIST_HELPER=$(CURDIR)/bin/tsdist rebar3 ct --dir test/erlang --suite tailscale_dist_SUITE,tailscale_discovery_SUITE,tailscale_ergo_SUITE,tailscale_trust_SUITE
 
 # The same suites under OTP 27 and Elixir 1.18 (a Debian 13 root that
 # scripts/otp27.sh builds once and caches outside the repository), then an
 # OTP 25 node and an OTP 27 node in one cluster.
 test-otp27: build
 	bash scripts/otp27.sh run env REBAR_BASE_DIR=_build/otp27 sh -c \
-		'rebar3 eunit --dir test/erlang && (cd elixir/libcluster_tailscale && MIX_ENV=test MIX_BUILD_PATH=_build/otp27 mix test) && TSDIST_HELPER=$(CURDIR)/bin/tsdist rebar3 ct --dir test/erlang --suite tailscale_dist_SUITE,tailscale_discovery_SUITE,tailscale_ergo_SUITE'
+		'rebar3 eunit --dir test/erlang && (cd elixir/libcluster_tailscale && MIX_ENV=test MIX_BUILD_PATH=_build/otp27 mix test) && TSDIST_HELPER=$(CURDIR)/bin/tsdist rebar3 ct --dir test/erlang --suite tailscale_dist_SUITE,tailscale_discovery_SUITE,tailscale_ergo_SUITE,tailscale_trust_SUITE'
 	TSDIST_HELPER=$(CURDIR)/bin/tsdist bash scripts/otp27.sh host \
 		rebar3 ct --dir test/erlang --suite tailscale_mixed_SUITE
 
