@@ -78,8 +78,8 @@ type Node struct {
 	upErr   error
 	running chan struct{} // closed once the node is Running
 
-	mu      sync.Mutex
-	knownBy map[netip.Addr]bool // peers that have answered a disco ping
+	mu        sync.Mutex
+	sessionUp map[netip.Addr]bool // peers that have answered a TSMP ping
 }
 
 // New checks cfg and prepares a node; nothing touches the network until Up.
@@ -120,7 +120,7 @@ func New(cfg Config) (*Node, error) {
 	if cfg.Ephemeral {
 		ts.Store = new(mem.Store)
 	}
-	return &Node{cfg: cfg, ts: ts, running: make(chan struct{}), knownBy: make(map[netip.Addr]bool)}, nil
+	return &Node{cfg: cfg, ts: ts, running: make(chan struct{}), sessionUp: make(map[netip.Addr]bool)}, nil
 }
 
 // ValidHostname reports whether name can be a tailnet hostname: 1 to 63
@@ -258,9 +258,9 @@ func (n *Node) Dial(ctx context.Context, host string, port uint16) (net.Conn, er
 
 // DialIP opens a TCP connection to a tailnet address, one of a node of the
 // tailnet (see [Node.Candidates]). A first connection to a peer waits
-// until the peer knows this node (see awaitKnownBy).
+// until this node has a WireGuard session with the peer (see awaitSession).
 func (n *Node) DialIP(ctx context.Context, to netip.AddrPort) (net.Conn, error) {
-	if err := n.awaitKnownBy(ctx, to.Addr()); err != nil {
+	if err := n.awaitSession(ctx, to.Addr()); err != nil {
 		return nil, err
 	}
 	// Straight into the userspace network stack: tsnet's own Dial would
