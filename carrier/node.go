@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"strconv"
@@ -73,6 +74,8 @@ type Node struct {
 	ts  *tsnet.Server
 	lc  atomic.Pointer[local.Client] // set once the node is Running
 
+	apiTransport *http.Transport // lc's, set by Up
+
 	started atomic.Bool // Up was called: tsnet was started
 	upOnce  sync.Once
 	upErr   error
@@ -80,6 +83,7 @@ type Node struct {
 
 	mu        sync.Mutex
 	sessionUp map[netip.Addr]bool // peers that have answered a TSMP ping
+	crossings *crossings          // first handshakes lost to the peer's (see awaitSession)
 }
 
 // New checks cfg and prepares a node; nothing touches the network until Up.
@@ -105,6 +109,7 @@ func New(cfg Config) (*Node, error) {
 	if userLogf == nil {
 		userLogf = logger.Discard
 	}
+	cross := newCrossings()
 	ts := &tsnet.Server{
 		Dir:           cfg.Dir,
 		Hostname:      cfg.Hostname,
@@ -112,7 +117,7 @@ func New(cfg Config) (*Node, error) {
 		AuthKey:       cfg.AuthKey,
 		Ephemeral:     cfg.Ephemeral,
 		AdvertiseTags: cfg.Tags,
-		Logf:          logf,
+		Logf:          cross.logf(logf),
 		// tsnet prints the login URL through UserLogf every few seconds;
 		// Up prints it once, in its own words, so drop tsnet's copy.
 		UserLogf: logger.Discard,
@@ -120,7 +125,7 @@ func New(cfg Config) (*Node, error) {
 	if cfg.Ephemeral {
 		ts.Store = new(mem.Store)
 	}
-	return &Node{cfg: cfg, ts: ts, running: make(chan struct{}), sessionUp: make(map[netip.Addr]bool)}, nil
+	return &Node{cfg: cfg, ts: ts, running: make(chan struct{}), sessionUp: make(map[netip.Addr]bool), crossings: cross}, nil
 }
 
 // ValidHostname reports whether name can be a tailnet hostname: 1 to 63
@@ -154,10 +159,15 @@ func (n *Node) Up(ctx context.Context) error {
 
 func (n *Node) up(ctx context.Context) error {
 	n.started.Store(true)
-	lc, err := n.ts.LocalClient() // starts the node
+	tsLC, err := n.ts.LocalClient() // starts the node
 	if err != nil {
 		return fmt.Errorf("carrier: start %s: %w", n.cfg.Hostname, err)
 	}
+	// The carrier's own client of the same LocalAPI, on a transport it can
+	// close: tsnet's Close leaves the idle connections of its client (and
+	// the server's goroutines behind them) open, one set per node.
+	n.apiTransport = &http.Transport{DialContext: tsLC.Dial}
+	lc := &local.Client{Transport: n.apiTransport}
 	if err := n.tuneNetstack(); err != nil {
 		return fmt.Errorf("carrier: start %s: %w", n.cfg.Hostname, err)
 	}
@@ -204,7 +214,11 @@ func (n *Node) Close() error {
 	if !n.started.Load() {
 		return nil
 	}
-	return n.ts.Close()
+	err := n.ts.Close()
+	if n.apiTransport != nil {
+		n.apiTransport.CloseIdleConnections()
+	}
+	return err
 }
 
 // Hostname is the name the node asked for.

@@ -4,55 +4,62 @@ import (
 	"context"
 	"fmt"
 	"net/netip"
+	"strings"
+	"sync"
 	"time"
 
+	"tailscale.com/client/local"
 	"tailscale.com/tailcfg"
+	"tailscale.com/types/key"
+	"tailscale.com/types/logger"
 )
 
 // Bringing up the WireGuard session to a peer before a first dial (see
 // awaitSession and docs/connection.md).
 const (
-	// discoProbeTimeout bounds the disco ping that measures the round trip
-	// to a peer before the first handshake.
-	discoProbeTimeout = 250 * time.Millisecond
-	// assumedRTT stands in for a round trip that the disco ping could not
-	// measure.
-	assumedRTT = 50 * time.Millisecond
-	// handshakeSlack is added to four round trips to give the first
-	// handshake and the TSMP ping that follows it time to complete: a
-	// loaded machine takes tens of milliseconds to run a handshake.
-	handshakeSlack = 50 * time.Millisecond
+	// discoPingTimeout is how long a disco ping to a peer that may not yet
+	// know this node waits for its pong; discoPingPause is the pause
+	// before the next, and knownByWait bounds them all.
+	discoPingTimeout = 250 * time.Millisecond
+	discoPingPause   = 50 * time.Millisecond
+	knownByWait      = time.Second
+	// minPathSettle is the least time between the two pongs (see
+	// awaitKnownBy).
+	minPathSettle = 10 * time.Millisecond
+	// firstPingTimeout is how long the first TSMP ping waits for its
+	// answer; a lost ping is sent again, each time waiting twice as long.
+	firstPingTimeout = 250 * time.Millisecond
 	// sessionWait is how long a dial waits for a session in all; after
 	// that it goes ahead and leaves the rest to WireGuard's own retries.
 	sessionWait = 3 * time.Second
+	// crossingFresh is how old a crossing may be for a reset to be safe:
+	// well within the 5 s in which neither end starts a new handshake, so
+	// that no packet of a session can be under way (see resetCrossed).
+	crossingFresh = 3 * time.Second
+	// initiationGap is how long after a crossing the fresh initiation
+	// waits: wireguard-go drops an initiation that comes within 20 ms of
+	// the last one it took from the same peer (HandshakeInitationRate),
+	// and the peer took this node's crossed one just before answering it.
+	initiationGap = 30 * time.Millisecond
 )
 
 // awaitSession returns once this node has a working WireGuard session with
 // the peer at addr (a TSMP ping, which travels inside WireGuard, has been
-// answered), so that the connection's SYN goes out at once.
+// answered), so that the connection's SYN goes out at once and a first
+// dial costs no fixed pause. Peers with a session are remembered: later
+// dials rely on WireGuard alone.
 //
-// WireGuard loses a first handshake in two ways that both cost its 5 s
-// retry (wireguard-go's RekeyTimeout, during which it starts no new
-// handshake for any packet):
-//
-//   - Crossing initiations: when both ends of a pair start a handshake at
-//     the same moment (BEAM nodes connect to each other at once), each
-//     consumes the other's initiation, which overwrites its own; each
-//     answers, and each rejects the other's answer ("Received invalid
-//     response message"). Neither has a session, and both retry in step.
-//   - A peer that cannot answer yet: a node that has just joined reaches
-//     peers before the control server has told them about it, or before
-//     they have a path back to it.
-//
-// When a TSMP ping gets no answer in a few round trips, the handshake is
-// taken as lost and the device peer is reset (its handshake state
-// dropped; the next packet starts a fresh handshake). Only one side of a
-// pair resets at the first loss, the one with the lower tailnet address,
-// so that two resets do not cross again; the other resets only if a
-// second ping is lost too, which covers a peer that simply did not answer.
-// Each ping waits twice as long as the one before it.
-//
-// Peers that answered are remembered: later dials rely on WireGuard alone.
+// Two first handshakes that cross are both lost: when both ends of a pair
+// start one at the same moment (BEAM nodes that see each other connect to
+// each other at once), each consumes the other's initiation, which
+// overwrites its own; each answers, and each rejects the other's answer
+// ("Received invalid response message"). Neither has a session, and
+// wireguard-go starts no new handshake for 5 s (RekeyTimeout), after which
+// both often retry in step and cross again. The rejected answer is the
+// sign: the end with the lower tailnet address then drops its device peer
+// (resetCrossed), and its next packet starts a fresh handshake, which the
+// other end, not having started one, answers. Only one end resets, so the
+// fresh handshakes do not cross again.
 func (n *Node) awaitSession(ctx context.Context, addr netip.Addr) error {
 	self4, self6 := n.ts.TailscaleIPs()
 	if addr == self4 || addr == self6 {
@@ -72,63 +79,216 @@ func (n *Node) awaitSession(ctx context.Context, addr netip.Addr) error {
 	if addr.Is6() {
 		self = self6
 	}
-	resetFirst := self.Less(addr)
-
+	if err := n.awaitKnownBy(ctx, lc, addr); err != nil {
+		return err
+	}
 	waitCtx, cancelWait := context.WithTimeout(ctx, sessionWait)
 	defer cancelWait()
-	rtt := assumedRTT
-	probeCtx, cancelProbe := context.WithTimeout(waitCtx, discoProbeTimeout)
-	if res, err := lc.Ping(probeCtx, addr, tailcfg.PingDisco); err == nil && res.Err == "" {
-		rtt = time.Duration(res.LatencySeconds * float64(time.Second))
+	var peerKey key.NodePublic
+	if self.Less(addr) {
+		if who, err := lc.WhoIs(waitCtx, addr.String()); err == nil && who.Node != nil {
+			peerKey = who.Node.Key
+		}
 	}
-	cancelProbe()
-
-	timeout := 4*rtt + handshakeSlack
-	for lost := 0; ; lost++ {
+	for timeout := firstPingTimeout; ; timeout *= 2 {
+		crossed := n.crossings.watch(peerKey)
 		pingCtx, cancel := context.WithTimeout(waitCtx, timeout)
-		res, err := lc.Ping(pingCtx, addr, tailcfg.PingTSMP)
+		pong := make(chan bool, 1)
+		go func() {
+			res, err := lc.Ping(pingCtx, addr, tailcfg.PingTSMP)
+			pong <- err == nil && res.Err == ""
+		}()
+		var ok bool
+	wait:
+		for {
+			select {
+			case ok = <-pong:
+				break wait
+			case <-crossed:
+				if n.crossings.fresh(peerKey, crossingFresh) {
+					cancel() // this ping's handshake is lost
+					ok = <-pong
+					break wait
+				}
+				crossed = n.crossings.watch(peerKey) // another peer's
+			}
+		}
 		cancel()
-		if err == nil && res.Err == "" {
+		if ok {
 			n.mu.Lock()
 			n.sessionUp[addr] = true
 			n.mu.Unlock()
 			return nil
 		}
+		if n.resetCrossed(waitCtx, lc, addr, peerKey) {
+			timeout = firstPingTimeout / 2 // the fresh handshake gets a fresh wait
+		}
 		if waitCtx.Err() != nil {
 			if err := ctx.Err(); err != nil {
 				return err
 			}
-			return nil // waited sessionWait: dial anyway
+			n.ts.Logf("carrier: no WireGuard session with %v after %v; dialling anyway", addr, sessionWait)
+			return nil
 		}
-		reset := lost > 0 || resetFirst
-		n.ts.Logf("carrier: no session with %v after %v (try %d, reset %v)", addr, timeout, lost+1, reset)
-		if reset {
-			if err := n.resetPeer(waitCtx, addr); err != nil {
-				n.ts.Logf("carrier: first handshake with %v: %v", addr, err)
-			}
-		}
-		timeout *= 2
 	}
 }
 
-// resetPeer drops the WireGuard device's state for the peer at addr: its
-// keys and any handshake in flight. The next packet to it starts afresh.
-// (wgengine's ResetDevicePeer, which tailscale itself calls when a peer's
-// disco key changes; tsnet reaches it only through Sys, which it documents
-// as not a stable API: tailscale.com is pinned in go.mod.)
-func (n *Node) resetPeer(ctx context.Context, addr netip.Addr) error {
-	lc, err := n.local()
-	if err != nil {
-		return err
+// awaitKnownBy returns once the peer at addr knows this node, so that a
+// first handshake is answered: a node that has just joined reaches peers
+// before the control server has told them about it, and they drop its
+// handshake without a word (and WireGuard retries only after 5 s). A
+// disco pong comes only from a peer that knows this node's keys.
+//
+// It takes two pongs: the first shows the peer knows this node's keys,
+// but not that it has a path back. A node that has just joined is in the
+// peer's netmap before its DERP home and endpoints are (Headscale sends
+// them in a later update), and the peer learns a path when its own disco
+// ping, sent on receiving ours, is answered: the second ping goes two
+// round trips after the first pong (minPathSettle at least).
+//
+// It waits knownByWait at most: a node restarted with its old state has a
+// new disco key but the same WireGuard key, so a peer answers its
+// handshake at once but its disco pings only after the control server has
+// passed the new key on, which can take seconds.
+func (n *Node) awaitKnownBy(ctx context.Context, lc *local.Client, addr netip.Addr) error {
+	waitCtx, cancelWait := context.WithTimeout(ctx, knownByWait)
+	defer cancelWait()
+	pongs := 0
+	for {
+		pingCtx, cancel := context.WithTimeout(waitCtx, discoPingTimeout)
+		res, err := lc.Ping(pingCtx, addr, tailcfg.PingDisco)
+		cancel()
+		if err == nil && res.Err == "" {
+			if pongs++; pongs == 2 {
+				return nil
+			}
+			settle := max(2*time.Duration(res.LatencySeconds*float64(time.Second)), minPathSettle)
+			select {
+			case <-waitCtx.Done():
+			case <-time.After(settle):
+			}
+			continue
+		}
+		pongs = 0
+		select {
+		case <-waitCtx.Done():
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			return nil // waited knownByWait: go ahead
+		case <-time.After(discoPingPause):
+		}
 	}
-	who, err := lc.WhoIs(ctx, addr.String())
+}
+
+// resetCrossed drops the WireGuard device's state for a peer whose first
+// handshake crossed this node's: its keys and the handshake in flight. The
+// next packet to it starts afresh.
+//
+// It uses wgengine's ResetDevicePeer, which tailscale itself calls when a
+// peer's disco key changes (tsnet reaches it through Sys, which it
+// documents as not a stable API: tailscale.com is pinned in go.mod).
+// Removing a device peer while a data packet from it is being handled
+// deadlocks the device (the cycle of tailscale#18124: the peer's receiver,
+// answering a TSMP ping, waits for the TUN, whose reader waits for the
+// peer table that the removal holds). It is safe here, and only here,
+// because there is no session to carry data: no handshake with the peer
+// has ever completed, and the crossing is fresh, so neither end has been
+// allowed to start another one.
+func (n *Node) resetCrossed(ctx context.Context, lc *local.Client, addr netip.Addr, peerKey key.NodePublic) bool {
+	at, ok := n.crossings.take(peerKey, crossingFresh)
+	if !ok {
+		return false
+	}
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(time.Until(at.Add(initiationGap))):
+	}
+	st, err := lc.Status(ctx)
 	if err != nil {
-		return fmt.Errorf("look up peer: %w", err)
+		return false
+	}
+	p, ok := st.Peer[peerKey]
+	if !ok || !p.LastHandshake.IsZero() {
+		return false
 	}
 	engine, ok := n.ts.Sys().Engine.GetOK()
 	if !ok {
-		return fmt.Errorf("tsnet has no WireGuard engine")
+		return false
 	}
-	engine.ResetDevicePeer(who.Node.Key)
-	return nil
+	n.ts.Logf("carrier: first handshake with %v crossed the peer's; starting a fresh one", addr)
+	engine.ResetDevicePeer(peerKey)
+	return true
+}
+
+// crossingLog is wireguard-go's log line (device/receive.go) for a
+// handshake response that matches no handshake of this node's; the peer's
+// public key, in hex, follows it.
+const crossingLog = "Received invalid response message from "
+
+// crossings records, per peer, the last time WireGuard rejected a
+// handshake response from it, which is the sign of crossed handshakes.
+type crossings struct {
+	mu     sync.Mutex
+	at     map[string]time.Time // by the peer key's hex
+	signal chan struct{}        // closed at each new record
+}
+
+func newCrossings() *crossings {
+	return &crossings{at: make(map[string]time.Time), signal: make(chan struct{})}
+}
+
+// logf wraps a tailscale logger, noting crossings as they are logged.
+func (c *crossings) logf(next logger.Logf) logger.Logf {
+	return func(format string, args ...any) {
+		if strings.Contains(format, "invalid response") {
+			line := fmt.Sprintf(format, args...)
+			if i := strings.Index(line, crossingLog); i >= 0 {
+				c.note(strings.TrimSpace(line[i+len(crossingLog):]))
+			}
+		}
+		next(format, args...)
+	}
+}
+
+func (c *crossings) note(keyHex string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.at) >= 4096 {
+		clear(c.at) // a bound; old entries are stale anyway
+	}
+	c.at[keyHex] = time.Now()
+	close(c.signal)
+	c.signal = make(chan struct{})
+}
+
+// watch returns a channel that is closed at the next crossing with any
+// peer (nil, which never fires, for the zero key: this end does not reset).
+func (c *crossings) watch(k key.NodePublic) <-chan struct{} {
+	if k.IsZero() {
+		return nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.signal
+}
+
+// fresh reports whether a crossing with k was recorded within d.
+func (c *crossings) fresh(k key.NodePublic, d time.Duration) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	at, ok := c.at[k.UntypedHexString()]
+	return ok && time.Since(at) < d
+}
+
+// take is fresh, returning when the crossing was, and forgets it: a crossing allows one reset
+// (after it, the fresh handshake may complete at any moment).
+func (c *crossings) take(k key.NodePublic, d time.Duration) (at time.Time, ok bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	hex := k.UntypedHexString()
+	at, ok = c.at[hex]
+	delete(c.at, hex)
+	return at, ok && time.Since(at) < d
 }
