@@ -46,16 +46,8 @@ const (
 // awaitSession returns once this node has a working WireGuard session with
 // the peer at addr (a TSMP ping, which travels inside WireGuard, has been
 // answered), so that the connection's SYN goes out at once and a first
-// dial costs no fixed pause.
-//
-// Every dial pings, not only the first, at the cost of a round trip: a
-// peer that restarted with its old state has the same WireGuard key but
-// none of the session's keys, and this node keeps sending with them, so
-// a SYN would be lost until tailscale learns of the restart (the peer's
-// new disco key, from the control server) and drops the old session, and
-// then wait for netstack's next retransmission, seconds later. The ping is
-// sent again until that has happened. Peers that had a session skip the
-// disco pongs (awaitKnownBy): they know this node.
+// dial costs no fixed pause. Peers with a session are remembered: later
+// dials rely on WireGuard alone.
 //
 // Two first handshakes that cross are both lost: when both ends of a pair
 // start one at the same moment (BEAM nodes that see each other connect to
@@ -74,8 +66,11 @@ func (n *Node) awaitSession(ctx context.Context, addr netip.Addr) error {
 		return nil // this node
 	}
 	n.mu.Lock()
-	hadSession := n.sessionUp[addr]
+	up := n.sessionUp[addr]
 	n.mu.Unlock()
+	if up {
+		return nil
+	}
 	lc, err := n.local()
 	if err != nil {
 		return err
@@ -84,10 +79,8 @@ func (n *Node) awaitSession(ctx context.Context, addr netip.Addr) error {
 	if addr.Is6() {
 		self = self6
 	}
-	if !hadSession {
-		if err := n.awaitKnownBy(ctx, lc, addr); err != nil {
-			return err
-		}
+	if err := n.awaitKnownBy(ctx, lc, addr); err != nil {
+		return err
 	}
 	waitCtx, cancelWait := context.WithTimeout(ctx, sessionWait)
 	defer cancelWait()
