@@ -79,8 +79,15 @@ func (n *Node) awaitSession(ctx context.Context, addr netip.Addr) error {
 	if addr.Is6() {
 		self = self6
 	}
-	if err := n.awaitKnownBy(ctx, lc, addr); err != nil {
+	known, err := n.awaitKnownBy(ctx, lc, addr)
+	if err != nil {
 		return err
+	}
+	if !known {
+		// No pong in knownByWait: the peer is offline, gone or not yet
+		// told of this node. Waiting for a session too would only delay
+		// the dial's own answer (a refusal, or its timeout).
+		return nil
 	}
 	waitCtx, cancelWait := context.WithTimeout(ctx, sessionWait)
 	defer cancelWait()
@@ -146,11 +153,12 @@ func (n *Node) awaitSession(ctx context.Context, addr netip.Addr) error {
 // ping, sent on receiving ours, is answered: the second ping goes two
 // round trips after the first pong (minPathSettle at least).
 //
-// It waits knownByWait at most: a node restarted with its old state has a
-// new disco key but the same WireGuard key, so a peer answers its
-// handshake at once but its disco pings only after the control server has
-// passed the new key on, which can take seconds.
-func (n *Node) awaitKnownBy(ctx context.Context, lc *local.Client, addr netip.Addr) error {
+// It reports whether any pong came. It waits knownByWait at most: a node
+// restarted with its old state has a new disco key but the same WireGuard
+// key, so a peer answers its handshake at once but its disco pings only
+// after the control server has passed the new key on, which can take
+// seconds.
+func (n *Node) awaitKnownBy(ctx context.Context, lc *local.Client, addr netip.Addr) (known bool, err error) {
 	waitCtx, cancelWait := context.WithTimeout(ctx, knownByWait)
 	defer cancelWait()
 	pongs := 0
@@ -159,8 +167,9 @@ func (n *Node) awaitKnownBy(ctx context.Context, lc *local.Client, addr netip.Ad
 		res, err := lc.Ping(pingCtx, addr, tailcfg.PingDisco)
 		cancel()
 		if err == nil && res.Err == "" {
+			known = true
 			if pongs++; pongs == 2 {
-				return nil
+				return true, nil
 			}
 			settle := max(2*time.Duration(res.LatencySeconds*float64(time.Second)), minPathSettle)
 			select {
@@ -173,9 +182,9 @@ func (n *Node) awaitKnownBy(ctx context.Context, lc *local.Client, addr netip.Ad
 		select {
 		case <-waitCtx.Done():
 			if err := ctx.Err(); err != nil {
-				return err
+				return false, err
 			}
-			return nil // waited knownByWait: go ahead
+			return known, nil // waited knownByWait: go ahead
 		case <-time.After(discoPingPause):
 		}
 	}
