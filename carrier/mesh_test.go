@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -30,7 +31,8 @@ const meshPort = 7000
 // so this is the case that must not stall.
 //
 // TSDIST_MESH_NODES and TSDIST_MESH_REPEATS make it bigger and repeat it, to
-// measure; each repeat's slowest dial is logged.
+// measure; each repeat's slowest dial is logged. TSDIST_MESH_LOGS=1 keeps the
+// nodes' tailscale logs of a repeat with a dial over 0.5 s, in $TMPDIR.
 func TestMeshBothWays(t *testing.T) {
 	leakcheck.Check(t)
 	nodes := envInt(t, "TSDIST_MESH_NODES", 4)
@@ -109,7 +111,7 @@ func meshOnce(t *testing.T, n, repeat int) time.Duration {
 		}
 		defer ln.Close()
 		go echoOneByte(ln)
-		addrs[i] = waitIPv4(t, ctx, node)
+		addrs[i] = ipv4Of(t, ctx, node)
 	}
 	// Every node must see every other before the dials start, as a BEAM
 	// node sees a peer in its discovery before it connects.
@@ -159,7 +161,12 @@ func meshOnce(t *testing.T, n, repeat int) time.Duration {
 	if len(slow) > 0 {
 		t.Logf("repeat %d: dials over 0.5 s: %s", repeat, strings.Join(slow, ", "))
 		if logs != nil {
-			os.WriteFile(fmt.Sprintf("/tmp/mesh-%d.log", repeat), []byte(logs.String()), 0o600)
+			path := filepath.Join(os.TempDir(), fmt.Sprintf("tsdist-mesh-%d.log", repeat))
+			if err := os.WriteFile(path, []byte(logs.String()), 0o600); err != nil {
+				t.Errorf("writing the nodes' logs: %v", err)
+			} else {
+				t.Logf("repeat %d: the nodes' logs are in %s", repeat, path)
+			}
 		}
 	}
 	return slowest
@@ -197,7 +204,8 @@ func dialAndEcho(ctx context.Context, from *carrier.Node, to netip.AddrPort) err
 	return nil
 }
 
-func waitIPv4(t *testing.T, ctx context.Context, node *carrier.Node) netip.Addr {
+// ipv4Of is the node's tailnet IPv4 address.
+func ipv4Of(t *testing.T, ctx context.Context, node *carrier.Node) netip.Addr {
 	t.Helper()
 	st, err := node.Status(ctx)
 	if err != nil {

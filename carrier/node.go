@@ -74,7 +74,7 @@ type Node struct {
 	ts  *tsnet.Server
 	lc  atomic.Pointer[local.Client] // set once the node is Running
 
-	apiTransport *http.Transport // lc's, set by Up
+	apiTransport *http.Transport // lc's; set by New, so Close may race Up
 
 	started atomic.Bool // Up was called: tsnet was started
 	upOnce  sync.Once
@@ -125,7 +125,18 @@ func New(cfg Config) (*Node, error) {
 	if cfg.Ephemeral {
 		ts.Store = new(mem.Store)
 	}
-	return &Node{cfg: cfg, ts: ts, running: make(chan struct{}), sessionUp: make(map[netip.Addr]bool), crossings: cross}, nil
+	n := &Node{cfg: cfg, ts: ts, running: make(chan struct{}), sessionUp: make(map[netip.Addr]bool), crossings: cross}
+	// The carrier's own client of tsnet's LocalAPI, on a transport it can
+	// close: tsnet's Close leaves the idle connections of its client (and
+	// the server's goroutines behind them) open, one set per node.
+	n.apiTransport = &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		tsLC, err := ts.LocalClient()
+		if err != nil {
+			return nil, err
+		}
+		return tsLC.Dial(ctx, network, addr)
+	}}
+	return n, nil
 }
 
 // ValidHostname reports whether name can be a tailnet hostname: 1 to 63
@@ -159,14 +170,9 @@ func (n *Node) Up(ctx context.Context) error {
 
 func (n *Node) up(ctx context.Context) error {
 	n.started.Store(true)
-	tsLC, err := n.ts.LocalClient() // starts the node
-	if err != nil {
+	if _, err := n.ts.LocalClient(); err != nil { // starts the node
 		return fmt.Errorf("carrier: start %s: %w", n.cfg.Hostname, err)
 	}
-	// The carrier's own client of the same LocalAPI, on a transport it can
-	// close: tsnet's Close leaves the idle connections of its client (and
-	// the server's goroutines behind them) open, one set per node.
-	n.apiTransport = &http.Transport{DialContext: tsLC.Dial}
 	lc := &local.Client{Transport: n.apiTransport}
 	if err := n.tuneNetstack(); err != nil {
 		return fmt.Errorf("carrier: start %s: %w", n.cfg.Hostname, err)
@@ -215,9 +221,7 @@ func (n *Node) Close() error {
 		return nil
 	}
 	err := n.ts.Close()
-	if n.apiTransport != nil {
-		n.apiTransport.CloseIdleConnections()
-	}
+	n.apiTransport.CloseIdleConnections()
 	return err
 }
 
