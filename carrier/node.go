@@ -49,6 +49,12 @@ type Config struct {
 	Ephemeral bool
 	// Tags are the ACL tags the node asks for ("tag:erlang").
 	Tags []string
+	// UDPPort is the UDP port for WireGuard and peer-to-peer traffic. Zero
+	// means the port of the node's last run on Dir (a non-ephemeral node
+	// remembers it there), or one the system picks on a first run or when
+	// that port is taken. Keeping the port makes a restarted node reachable
+	// at once (see udpPortFile).
+	UDPPort uint16
 	// Logf receives tailscale's own (verbose) logs. Nil discards them.
 	Logf logger.Logf
 	// UserLogf receives what a person should see: the login URL, state
@@ -117,6 +123,7 @@ func New(cfg Config) (*Node, error) {
 		AuthKey:       cfg.AuthKey,
 		Ephemeral:     cfg.Ephemeral,
 		AdvertiseTags: cfg.Tags,
+		Port:          cfg.UDPPort,
 		Logf:          cross.logf(logf),
 		// tsnet prints the login URL through UserLogf every few seconds;
 		// Up prints it once, in its own words, so drop tsnet's copy.
@@ -124,6 +131,8 @@ func New(cfg Config) (*Node, error) {
 	}
 	if cfg.Ephemeral {
 		ts.Store = new(mem.Store)
+	} else if ts.Port == 0 {
+		ts.Port = storedUDPPort(cfg.Dir)
 	}
 	n := &Node{cfg: cfg, ts: ts, running: make(chan struct{}), sessionUp: make(map[netip.Addr]bool), crossings: cross}
 	// The carrier's own client of tsnet's LocalAPI, on a transport it can
@@ -198,6 +207,11 @@ func (n *Node) up(ctx context.Context) error {
 		if note.State != nil && *note.State == ipn.Running {
 			n.lc.Store(lc)
 			close(n.running)
+			if !n.cfg.Ephemeral {
+				if err := n.rememberUDPPort(); err != nil {
+					n.userLogf("%v (a restart will pick a new port, and peers may take 5-10 s to reach it)", err)
+				}
+			}
 			return nil
 		}
 	}

@@ -214,6 +214,7 @@ spawn_helper(Hostname, SocketPath) ->
                 ++ opt_arg("--control-url", config(control_url, "TS_CONTROL_URL", undefined))
                 ++ opt_arg("--tags", config(tags, "TS_TAGS", undefined))
                 ++ opt_arg("--allow", config(allow, "TSDIST_ALLOW", undefined))
+                ++ opt_arg("--udp-port", config(udp_port, "TS_UDP_PORT", undefined))
                 ++ case lists:member(config(ephemeral, "TS_EPHEMERAL", "false"), ["true", "1", true]) of
                        true -> ["--ephemeral"];
                        false -> []
@@ -310,4 +311,5 @@ opt_env(Var, Value) -> [{Var, to_list(Value)}].
 
 to_list(B) when is_binary(B) -> unicode:characters_to_list(B);
 to_list(A) when is_atom(A) -> atom_to_list(A);
-to_list(L) when is_list(L) -> L.
+to_list(L) when is_list(L) -> L;
+to_list(I) when is_integer(I) -> integer_to_list(I).

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -27,6 +28,7 @@ func runServe(args []string) error {
 	authKeyFile := fs.String("authkey-file", envOr("", "TS_AUTHKEY_FILE"), "read the auth key from `file`, which must not be readable by group or others (env TS_AUTHKEY_FILE)")
 	stateDir := fs.String("state-dir", envOr("", "TS_STATE_DIR"), "`dir` for the node's keys and login (env TS_STATE_DIR); default $XDG_STATE_HOME/tsdist/NAME or ~/.local/state/tsdist/NAME")
 	ephemeral := fs.Bool("ephemeral", envOr("", "TS_EPHEMERAL") == "true" || envOr("", "TS_EPHEMERAL") == "1", "remove the node from the tailnet when it goes offline and keep no state on disk (env TS_EPHEMERAL=1)")
+	udpPort := fs.String("udp-port", envOr("", "TS_UDP_PORT"), "UDP `port` for WireGuard (env TS_UDP_PORT); default: the port of the last run, kept in the state dir, or a free one")
 	tags := fs.String("tags", envOr("", "TS_TAGS"), "comma-separated ACL `tags` to advertise, e.g. tag:erlang (env TS_TAGS)")
 	socket := fs.String("socket", envOr("", "TSDIST_SOCKET"), "control socket `path` (env TSDIST_SOCKET); default "+filepath.Join(runtimeDir(), "NAME.sock"))
 	localOnly := fs.Bool("local-only", false, "keep every packet on loopback (implied when the control URL is on loopback)")
@@ -51,6 +53,14 @@ func runServe(args []string) error {
 	key, err := readAuthKey(*authKey, *authKeyFile)
 	if err != nil {
 		return usageError{err}
+	}
+	var wgPort uint16
+	if *udpPort != "" {
+		p, err := strconv.ParseUint(*udpPort, 10, 16)
+		if err != nil || p == 0 {
+			return usageError{fmt.Errorf("--udp-port %q: want a port number from 1 to 65535", *udpPort)}
+		}
+		wgPort = uint16(p)
 	}
 	if *stateDir == "" {
 		d, err := defaultStateDir(*hostname)
@@ -88,6 +98,7 @@ func runServe(args []string) error {
 			Dir:        *stateDir,
 			Ephemeral:  *ephemeral,
 			Tags:       tagList,
+			UDPPort:    wgPort,
 			UserLogf:   say,
 		},
 		Policy:    policy,
