@@ -6,8 +6,15 @@
 %%% (tags, a hostname pattern, online), asks each such host's tailnet EPMD
 %%% which nodes run there (so no node basename is assumed), and connects to
 %%% them; nodes that stop matching or leave are disconnected if so
-%%% configured. candidates/2 is the part shared with the Elixir libcluster
-%%% strategy.
+%%% configured. scan/2 (and candidates/2) is the part shared with the Elixir
+%%% libcluster strategy.
+%%%
+%%% A host whose EPMD gives no answer (a timeout, a connection that fails)
+%%% is not a host without nodes: its nodes that are connected stay
+%%% connected, and it is asked again soon, 250 ms later and then twice as
+%%% long each time up to the rescan interval, rather than at the next
+%%% rescan. A node that could not be connected is tried again the same way
+%%% (up to 30 s between tries, see due/3).
 %%%
 %%% What a host's EPMD lists is the host's say, so it is checked before
 %%% it becomes an atom: a name must be 1 to 255 letters, digits, `_', `-'
@@ -39,7 +46,7 @@
 -compile(warn_missing_spec).
 -behaviour(gen_server).
 
--export([start_link/1, candidates/2, matching/2, connected/0]).
+-export([start_link/1, candidates/2, scan/2, matching/2, connected/0]).
 %% the checks on what a host's EPMD lists, for the tests
 -export([node_names/3, valid_host/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
@@ -50,11 +57,13 @@
 -define(LOG_INTERVAL, 60000).     % one report per host and kind per minute
 -define(MAX_RETRY, 30000).        % the longest pause before connecting again
 -define(PARALLEL, 16).            % names requests or connections at once
+-define(FIRST_RETRY, 250).        % the first pause before asking or connecting again
 
 -type opts() :: #{tags => [string() | binary()], hostname_pattern => undefined | string() | binary(),
                   online_only => boolean(), disconnect_on_departure => boolean(),
                   rescan_ms => pos_integer()}.
--export_type([opts/0]).
+-type scan() :: #{nodes := [node()], unanswered := [string()]}.
+-export_type([opts/0, scan/0]).
 
 -spec start_link(opts() | [{atom(), term()}]) -> {ok, pid()} | {error, term()}.
 start_link(Opts) ->
@@ -80,7 +89,14 @@ matching(Peers, Opts0) ->
 %% Rejected names are logged from the calling process, which keeps the
 %% once-a-minute state in its process dictionary.
 -spec candidates([map()], opts() | [{atom(), term()}]) -> [node()].
-candidates(Peers, Opts0) ->
+candidates(Peers, Opts) ->
+    maps:get(nodes, scan(Peers, Opts)).
+
+%% candidates/2, and the hosts whose EPMD gave no answer (`unanswered', as
+%% they are written in node names): what runs there is unknown, so a caller
+%% must not take their nodes for departed, and should ask again soon.
+-spec scan([map()], opts() | [{atom(), term()}]) -> scan().
+scan(Peers, Opts0) ->
     Opts = options(Opts0),
     Long = net_kernel:longnames() =:= true,
     Hosts = [H || P <- matching(Peers, Opts), H <- host_of(P, Long)],
@@ -90,7 +106,8 @@ candidates(Peers, Opts0) ->
           end,
     Listed = pmap(fun(Host) -> names(Host) end, {error, down}, lists:usort(Own ++ Hosts)),
     Names = lists:append([checked_names(Host, Result) || {Host, Result} <- Listed]),
-    [list_to_atom(N) || N <- lists:usort(Names)] -- [node()].
+    #{nodes => [list_to_atom(N) || N <- lists:usort(Names)] -- [node()],
+      unanswered => [Host || {Host, {error, _}} <- Listed]}.
 
 %% The `Name@Host' strings to connect among what Host's EPMD listed (Listed,
 %% in the helper's order) and the helper left out (Dropped), and what was
@@ -121,7 +138,8 @@ valid_host(Host) ->
 init(Opts) ->
     ok = tailscale_helper:subscribe(self()),
     erlang:send_after(maps:get(rescan_ms, Opts), self(), rescan),
-    {ok, #{opts => Opts, peers => undefined, ours => [], failed => #{}}}.
+    {ok, #{opts => Opts, peers => undefined, ours => [], failed => #{},
+           unanswered => {[], ?FIRST_RETRY}, retry => undefined}}.
 
 -spec handle_call(term(), gen_server:from(), map()) -> {reply, term(), map()}.
 handle_call(connected, _From, #{ours := Ours} = St) ->
@@ -137,6 +155,8 @@ handle_info({tailscale_peers, Peers}, St) ->
 handle_info(rescan, #{opts := Opts} = St) ->
     erlang:send_after(maps:get(rescan_ms, Opts), self(), rescan),
     {noreply, converge(St)};
+handle_info({retry, Ref}, #{retry := {Ref, _}} = St) ->
+    {noreply, converge(St#{retry := undefined})};
 handle_info(_Msg, St) ->
     {noreply, St}.
 
@@ -145,7 +165,7 @@ handle_info(_Msg, St) ->
 converge(#{peers := undefined} = St) ->
     St;
 converge(#{peers := Peers, opts := Opts, ours := Ours, failed := Failed0} = St) ->
-    Want = candidates(Peers, Opts),
+    #{nodes := Want, unanswered := Unanswered} = scan(Peers, Opts),
     Connected = nodes(connected),
     Now = erlang:monotonic_time(millisecond),
     Attempts = pmap(fun net_kernel:connect_node/1, false,
@@ -155,7 +175,10 @@ converge(#{peers := Peers, opts := Opts, ours := Ours, failed := Failed0} = St) 
                                             ({N, _}, F) -> failed(N, F, Now, Opts)
                                          end, Failed0, Attempts)),
     [logger:info("tailscale_discovery: connected ~p", [N]) || N <- New],
-    Gone = Ours -- Want,
+    %% Nodes of a host that gave no answer are not gone: kept, and asked
+    %% about again soon.
+    Kept = [N || N <- Ours, lists:member(host_part(N), Unanswered)],
+    Gone = Ours -- (Want ++ Kept),
     case maps:get(disconnect_on_departure, Opts) of
         true ->
             [begin
@@ -165,13 +188,52 @@ converge(#{peers := Peers, opts := Opts, ours := Ours, failed := Failed0} = St) 
         false ->
             ok
     end,
-    St#{ours := lists:usort([N || N <- Want, lists:member(N, nodes(connected))]),
-        failed := Failed}.
+    Connected1 = nodes(connected),
+    schedule_retry(St#{ours := lists:usort([N || N <- Want ++ Kept, lists:member(N, Connected1)]),
+                       failed := Failed,
+                       unanswered := unanswered_backoff(Unanswered, maps:get(unanswered, St), Opts)},
+                   Now).
+
+%% Hosts without an answer are asked again after 250 ms, then twice as
+%% long each time (up to the rescan interval) while any stays silent.
+unanswered_backoff([], _, _) ->
+    {[], ?FIRST_RETRY};
+unanswered_backoff(Hosts, {[], _}, _) ->
+    {Hosts, ?FIRST_RETRY};
+unanswered_backoff(Hosts, {_, Backoff}, #{rescan_ms := Rescan}) ->
+    {Hosts, min(2 * Backoff, Rescan)}.
+
+%% One timer, for the earliest of: the next question to a silent host, the
+%% next try of a node that could not be connected. The rescan covers
+%% anything later.
+schedule_retry(#{unanswered := {Silent, Backoff}, failed := Failed, retry := Retry,
+                 opts := #{rescan_ms := Rescan}} = St, Now) ->
+    Wanted = [Backoff || Silent =/= []] ++ [max(0, At - Now) || {At, _} <- maps:values(Failed)],
+    case [W || W <- Wanted, W < Rescan] of
+        [] ->
+            St;
+        Soon ->
+            In = lists:min(Soon),
+            case Retry of
+                {_, At} when At =< Now + In ->
+                    St;
+                _ ->
+                    Ref = make_ref(),
+                    erlang:send_after(In, self(), {retry, Ref}),
+                    St#{retry := {Ref, Now + In}}
+            end
+    end.
+
+host_part(Node) ->
+    case string:split(atom_to_list(Node), "@") of
+        [_, Host] -> Host;
+        _ -> ""
+    end.
 
 %%% Internal
 
-%% A candidate that could not be connected is tried again at the next
-%% rescan, then after twice as long each time, up to 30 s: a host that
+%% A candidate that could not be connected is tried again after 250 ms,
+%% then after twice as long each time, up to 30 s: a host that
 %% lists nodes nobody can reach (a stale name, or a lie) costs a connection
 %% attempt, and a log line, per name every 30 s rather than every rescan.
 due(Node, Failed, Now) ->
@@ -183,7 +245,7 @@ due(Node, Failed, Now) ->
 failed(Node, Failed, Now, #{rescan_ms := Rescan}) ->
     Backoff = case maps:find(Node, Failed) of
                   {ok, {_, B}} -> min(2 * B, ?MAX_RETRY);
-                  error -> Rescan
+                  error -> min(?FIRST_RETRY, Rescan)
               end,
     Failed#{Node => {Now + Backoff - 50, Backoff}}.
 

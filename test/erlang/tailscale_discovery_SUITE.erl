@@ -7,7 +7,7 @@
 
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1]).
 -export([four_nodes_find_each_other/1, non_matching_never_connected/1,
-         late_joiner_connected/1, candidates_filter/1, leaver_dropped/1,
+         late_joiner_connected/1, candidates_filter/1, leaver_dropped/1, silent_host_kept/1,
          elixir_strategy/1]).
 
 -define(OPTS, [{hostname_pattern, "^disc"}, {rescan_ms, 1000}]).
@@ -17,7 +17,7 @@ suite() ->
 
 all() ->
     [candidates_filter, four_nodes_find_each_other, non_matching_never_connected,
-     late_joiner_connected, leaver_dropped, elixir_strategy].
+     late_joiner_connected, silent_host_kept, leaver_dropped, elixir_strategy].
 
 init_per_suite(Config) ->
     tsdist_ct:start_tailnet(Config).
@@ -89,6 +89,35 @@ late_joiner_connected(Config) ->
     end,
     ct:log("a node that joined later was connected with all others ~p ms after it started "
            "(its tailnet join included)", [erlang:monotonic_time(millisecond) - T0]).
+
+%% A host whose EPMD gives no answer is not a host without nodes: with one
+%% node's helper stopped (SIGSTOP) for longer than a names request may take
+%% (5 s), every other node keeps its connection to that node, which is
+%% still up and, once its helper goes on, answers at once. (Before, the
+%% empty answer made every other node disconnect it.)
+silent_host_kept(_Config) ->
+    [_, {Silent, SilentNode} | _] = All = discovering(),
+    Others = All -- [{Silent, SilentNode}],
+    Sees = fun() -> lists:all(fun({P, _}) -> lists:member(SilentNode, peer:call(P, erlang, nodes, [])) end, Others) end,
+    tsdist_ct:wait_until(Sees, 100),
+    #{helper_os_pid := Helper} = peer:call(Silent, tailscale_helper, info, []),
+    Pid = integer_to_list(Helper),
+    "" = os:cmd("kill -STOP " ++ Pid),
+    try
+        timer:sleep(7500),
+        %% Positive control: the host really is silent to the others.
+        [_, SilentHost] = string:split(atom_to_list(SilentNode), "@"),
+        [?assertMatch({error, _}, peer:call(P, tailscale_helper, names_info, [SilentHost, 1000]))
+         || {P, _} <- Others],
+        ?assert(Sees())
+    after
+        os:cmd("kill -CONT " ++ Pid)
+    end,
+    Back = tsdist_ct:within(3000, "every node reaches the node whose helper went on",
+                            fun() -> lists:all(fun({P, _}) -> peer:call(P, net_adm, ping, [SilentNode], 2000) =:= pong end, Others) end),
+    ct:log("~p, silent for 7.5 s, was kept by every other node and answered them ~b ms after its helper went on",
+           [SilentNode, Back]),
+    [?assert(lists:member(SilentNode, peer:call(P, tailscale_discovery, connected, []))) || {P, _} <- Others].
 
 %% A node that leaves (its node and helper stopped) goes from every other
 %% node's discovered set.

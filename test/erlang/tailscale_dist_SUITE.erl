@@ -231,9 +231,11 @@ helper_killed(Config) ->
         wait_until(fun() -> maps:get(down, peer:call(K1, tailscale_helper, info, [])) =:= undefined end),
         #{helper_os_pid := NewPid} = peer:call(K1, tailscale_helper, info, []),
         ?assertNotEqual(OsPid, NewPid),
-        {Micros, Pong} = timer:tc(fun() -> ping_until_pong(K2, k1@theta, 30) end),
-        ct:log("k2 reached k1@theta again ~p ms after the helper restarted", [Micros div 1000]),
-        ?assertEqual(pong, Pong),
+        %% Measured: ~630 ms (the restarted helper keeps its UDP port; on
+        %% a new one, 5.8-12.8 s). 4 s fails on WireGuard's 5 s retry.
+        Back = tsdist_ct:within(4000, "k2 reaches k1@theta after its helper restarted",
+                                fun() -> peer:call(K2, net_adm, ping, [k1@theta], 2000) =:= pong end),
+        ct:log("k2 reached k1@theta again ~p ms after the helper restarted", [Back]),
         %% Once the path has settled (right after the restart, WireGuard
         %% and disco may still drop packets for a few seconds, and with a
         %% 4 s net_ticktime that can cost the first new connection),
@@ -328,12 +330,12 @@ stop_distribution(Config) ->
         {ok, [{"s", _}]} = peer:call(A, net_adm, names, [mu]),
         ok = peer:call(P, net_kernel, stop, []),
         ?assertEqual(pang, peer:call(A, net_adm, ping, [s@mu], 15000)),
-        %% Again, under another name, on a new helper: its first packets to
-        %% alpha can wait for alpha to learn the new helper's keys.
+        %% Again, under another name, on a new helper (the same device,
+        %% restarted). Measured: ~30 ms.
         {ok, _} = peer:call(P, net_kernel, start, [[s2@mu, shortnames]], 30000),
-        {Micros, Pong} = timer:tc(fun() -> ping_until_pong(P, a@alpha, 30) end),
-        ct:log("s2@mu reached a@alpha ~p ms after distribution restarted", [Micros div 1000]),
-        ?assertEqual(pong, Pong),
+        Back = tsdist_ct:within(3000, "s2@mu reaches a@alpha after distribution restarted",
+                                fun() -> peer:call(P, net_adm, ping, [a@alpha], 2000) =:= pong end),
+        ct:log("s2@mu reached a@alpha ~p ms after distribution restarted", [Back]),
         {ok, Names} = peer:call(A, net_adm, names, [mu]),
         ?assertEqual(["s2"], [N || {N, _} <- Names])
     after
@@ -536,14 +538,6 @@ nodedown_after(Node, Watcher, Timeout) ->
         Watcher ! {report, self()},
         receive {Watcher, Result} -> Result after Timeout -> timeout end
     end, []], Timeout + 1000).
-
-ping_until_pong(_Node, _Target, 0) ->
-    pang;
-ping_until_pong(Node, Target, N) ->
-    case peer:call(Node, net_adm, ping, [Target], 15000) of
-        pong -> pong;
-        pang -> timer:sleep(200), ping_until_pong(Node, Target, N - 1)
-    end.
 
 connect_all(Config) ->
     [{A, _}, {B, _}, _] = ?config(nodes, Config),

@@ -30,7 +30,7 @@
          start_hostile_peer/3, hostile_lines/1, stop_hostile_peer/1, capture_log/2, read_log/1,
          start_node/3, start_node/4, start_node/5,
          start_node_result/4, start_node_result/5,
-         wait_until/1, wait_until/2, cookie/0, links_and_monitors/3, collect_port/3,
+         wait_until/1, wait_until/2, within/3, cookie/0, links_and_monitors/3, collect_port/3,
          node_env/2, start_ergo_node/3, stop_ergo_node/1]).
 -export([start_headscale/3, stop_headscale/1, headscale/2, headscale_json/2,
          start_service/3, stop_service/1, free_port/0]).
@@ -427,6 +427,24 @@ collect_port(Port, Acc, Timeout) ->
 -spec wait_until(fun(() -> boolean())) -> ok.
 wait_until(F) ->
     wait_until(F, 100).
+
+%% Polls F, 50 ms apart, until it holds, and returns how many milliseconds
+%% that took; fails the case, saying What and the bound, if it did not hold
+%% within Ms. For a wait whose bound is part of the promise (a restarted
+%% node is back within seconds, not after WireGuard's 5 s retries).
+-spec within(pos_integer(), string(), fun(() -> boolean())) -> non_neg_integer().
+within(Ms, What, F) ->
+    T0 = erlang:monotonic_time(millisecond),
+    within(T0, T0 + Ms, What, F).
+
+within(T0, Deadline, What, F) ->
+    Ok = F(),
+    Now = erlang:monotonic_time(millisecond),
+    if
+        Ok -> Now - T0;
+        Now >= Deadline -> ct:fail("~ts: not within ~b ms", [What, Deadline - T0]);
+        true -> timer:sleep(50), within(T0, Deadline, What, F)
+    end.
 
 %% Polls F up to N times, 50 ms apart.
 -spec wait_until(fun(() -> boolean()), non_neg_integer()) -> ok.

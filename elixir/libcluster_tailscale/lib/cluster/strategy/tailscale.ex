@@ -22,6 +22,11 @@ defmodule Cluster.Strategy.Tailscale do
   A re-scan every `poll_interval` also finds nodes that start on a host
   already in the tailnet, which changes no peer list.
 
+  A host whose EPMD gives no answer (a timeout, a failed connection) is not
+  taken for a host without nodes: the nodes clustered with there stay, and
+  the strategy asks again 250 ms later, then twice as long each time up to
+  `poll_interval`, as it does for a candidate it could not connect.
+
   The node must be started with `-proto_dist tailscale -start_epmd false`
   (and, usually, `-epmd_module tailscale_epmd`) and have tsdist's `ebin` on
   its code path. Until the node's tailnet is reachable the strategy logs a
@@ -44,7 +49,9 @@ defmodule Cluster.Strategy.Tailscale do
   * `disconnect_on_departure` - disconnect nodes this strategy clustered with
     once they are no longer candidates (default: `true`)
   * `poll_interval` - milliseconds between safety re-scans, in addition to
-    the tailnet's own change events (default: `30_000`)
+    the tailnet's own change events (default: `5_000`; a host that gave
+    no answer and a node that could not be connected are retried sooner,
+    see above)
 
   ## Usage
 
@@ -55,7 +62,7 @@ defmodule Cluster.Strategy.Tailscale do
             config: [
               tags: ["tag:erlang"],
               hostname_pattern: "^app-",
-              poll_interval: 30_000]]]
+              poll_interval: 5_000]]]
   """
 
   use GenServer
@@ -64,12 +71,15 @@ defmodule Cluster.Strategy.Tailscale do
   # not necessarily when this module is compiled.
   @compile {:no_warn_undefined, [:tailscale_helper, :tailscale_discovery]}
 
+  # The first pause before asking a silent host or connecting a node again.
+  @first_retry 250
+
   @defaults [
     tags: [],
     hostname_pattern: nil,
     online_only: true,
     disconnect_on_departure: true,
-    poll_interval: 30_000
+    poll_interval: 5_000
   ]
 
   @typedoc "The options, validated and with every default filled in."
@@ -206,15 +216,22 @@ defmodule Cluster.Strategy.Tailscale do
   already, and connecting again is what brings back a candidate whose
   connection dropped), and, with `disconnect_on_departure`, every node
   clustered with before that is no longer a candidate is to be
-  disconnected. The local node is never in either list.
+  disconnected, unless it runs on one of the `unanswered` hosts (as node
+  names write them), whose EPMD gave no answer. The local node is never in
+  either list.
   """
-  @spec plan(MapSet.t(node()), [node()], boolean(), node()) :: {[node()], [node()]}
-  def plan(clustered, candidates, disconnect_on_departure, self_node \\ node()) do
+  @spec plan(MapSet.t(node()), [node()], boolean(), node(), [charlist() | String.t()]) ::
+          {[node()], [node()]}
+  def plan(clustered, candidates, disconnect_on_departure, self_node \\ node(), unanswered \\ []) do
     candidates = candidates |> MapSet.new() |> MapSet.delete(self_node)
+    silent = MapSet.new(unanswered, &to_string/1)
 
     departed =
       if disconnect_on_departure do
-        clustered |> MapSet.difference(candidates) |> MapSet.delete(self_node)
+        clustered
+        |> MapSet.difference(candidates)
+        |> MapSet.delete(self_node)
+        |> MapSet.reject(&MapSet.member?(silent, host_part(&1)))
       else
         MapSet.new()
       end
@@ -241,6 +258,8 @@ defmodule Cluster.Strategy.Tailscale do
     |> MapSet.union(MapSet.new(failed_nodes(disconnected)))
   end
 
+  defp host_part(node), do: node |> Atom.to_string() |> String.split("@") |> List.last()
+
   defp failed_nodes(:ok), do: []
   defp failed_nodes({:error, bad}) when is_list(bad), do: for({n, _} <- bad, do: n)
 
@@ -255,7 +274,9 @@ defmodule Cluster.Strategy.Tailscale do
           peers: nil,
           clustered: MapSet.new(),
           helper: nil,
-          subscribe_failures: 0
+          subscribe_failures: 0,
+          retry_in: @first_retry,
+          retry: nil
         }
 
         state = subscribe(%{state | meta: meta})
@@ -279,6 +300,10 @@ defmodule Cluster.Strategy.Tailscale do
     state = if state.meta.helper == nil, do: subscribe(state), else: evaluate(state)
     schedule_poll(state.meta.options)
     {:noreply, state}
+  end
+
+  def handle_info({:retry, ref}, %{meta: %{retry: ref}} = state) do
+    {:noreply, state |> put_meta(:retry, nil) |> evaluate()}
   end
 
   def handle_info({:DOWN, ref, :process, _pid, reason}, %{meta: %{helper: ref}} = state) do
@@ -350,14 +375,14 @@ defmodule Cluster.Strategy.Tailscale do
   defp evaluate(%{meta: meta} = state) do
     opts = discovery_opts(meta.options)
 
-    case safe(fn -> :tailscale_discovery.candidates(meta.peers, opts) end) do
-      {:ok, candidates} when is_list(candidates) ->
-        reconcile(state, candidates)
+    case safe(fn -> :tailscale_discovery.scan(meta.peers, opts) end) do
+      {:ok, %{nodes: candidates, unanswered: unanswered}} when is_list(candidates) ->
+        reconcile(state, candidates, unanswered)
 
       {:ok, other} ->
         Cluster.Logger.warn(
           state.topology,
-          "tailscale_discovery:candidates/2 returned #{inspect(other)}, not a list of nodes"
+          "tailscale_discovery:scan/2 returned #{inspect(other)}, not a scan"
         )
 
         state
@@ -372,12 +397,14 @@ defmodule Cluster.Strategy.Tailscale do
   # records the outcome (settle/4) in the state's meta. Public for the tests,
   # which give it MFAs of their own.
   @doc false
-  def reconcile(state, candidates) do
+  def reconcile(state, candidates, unanswered \\ []) do
     %{topology: topology, connect: connect, disconnect: disconnect, list_nodes: list_nodes} =
       state
 
     %{clustered: clustered, options: options} = state.meta
-    {to_connect, to_disconnect} = plan(clustered, candidates, options.disconnect_on_departure)
+
+    {to_connect, to_disconnect} =
+      plan(clustered, candidates, options.disconnect_on_departure, node(), unanswered)
 
     Cluster.Logger.debug(
       topology,
@@ -391,7 +418,34 @@ defmodule Cluster.Strategy.Tailscale do
       end
 
     connected = Cluster.Strategy.connect_nodes(topology, connect, list_nodes, to_connect)
-    put_meta(state, :clustered, settle(to_connect, connected, disconnected))
+    # The nodes of a silent host that were clustered stay clustered.
+    silent = MapSet.new(unanswered, &to_string/1)
+
+    kept_silent =
+      MapSet.filter(clustered, &(host_part(&1) in silent and &1 not in to_connect))
+
+    state
+    |> put_meta(:clustered, MapSet.union(settle(to_connect, connected, disconnected), kept_silent))
+    |> schedule_retry(unanswered != [] or connected != :ok or disconnected != :ok)
+  end
+
+  # Asks again soon while a host gives no answer or a node could not be
+  # (dis)connected: 250 ms, then twice as long each time, up to
+  # poll_interval (which asks anyway).
+  defp schedule_retry(state, false), do: put_meta(state, :retry_in, @first_retry)
+
+  defp schedule_retry(%{meta: %{retry: ref}} = state, true) when ref != nil, do: state
+
+  defp schedule_retry(%{meta: meta} = state, true) do
+    poll = meta.options.poll_interval
+
+    if meta.retry_in >= poll do
+      state
+    else
+      ref = make_ref()
+      Process.send_after(self(), {:retry, ref}, meta.retry_in)
+      state |> put_meta(:retry, ref) |> put_meta(:retry_in, min(2 * meta.retry_in, poll))
+    end
   end
 
   # Runs a call into tsdist; anything it raises or exits with becomes

@@ -11,7 +11,7 @@ defmodule Cluster.Strategy.TailscaleTest do
     hostname_pattern: nil,
     online_only: true,
     disconnect_on_departure: true,
-    poll_interval: 30_000
+    poll_interval: 5_000
   }
 
   describe "validate_config/1" do
@@ -91,7 +91,7 @@ defmodule Cluster.Strategy.TailscaleTest do
           hostname_pattern: "`nil`",
           online_only: "`true`",
           disconnect_on_departure: "`true`",
-          poll_interval: "`30_000`"
+          poll_interval: "`5_000`"
         ] do
       assert doc =~ ~r/\* `#{option}` - [^*]*\(default: #{Regex.escape(default)}/,
              "#{option} and its default #{default} are not documented"
@@ -189,6 +189,22 @@ defmodule Cluster.Strategy.TailscaleTest do
                :me@gamma
              ) ==
                {[:a@alpha], []}
+    end
+
+    test "keeps the nodes of a host whose EPMD gave no answer" do
+      clustered = MapSet.new([:a@alpha, :b@beta, :c@beta, :d@delta])
+
+      # beta's EPMD was silent: its nodes are unknown, not gone; delta
+      # answered without d.
+      assert Tailscale.plan(clustered, [:a@alpha], true, :me@gamma, [~c"beta"]) ==
+               {[:a@alpha], [:d@delta]}
+
+      assert Tailscale.plan(clustered, [:a@alpha], true, :me@gamma, ["beta", "delta"]) ==
+               {[:a@alpha], []}
+
+      # Once beta answers without them, they are gone.
+      assert Tailscale.plan(clustered, [:a@alpha], true, :me@gamma, []) ==
+               {[:a@alpha], [:b@beta, :c@beta, :d@delta]}
     end
 
     test "no change, no disconnect" do
