@@ -35,13 +35,10 @@ func storedUDPPort(dir string) uint16 {
 	return uint16(p)
 }
 
-// rememberUDPPort writes the port magicsock bound, for the next run on dir.
+// rememberUDPPort writes the port magicsock bound, for the next run on the
+// node's state directory. It needs the node Up.
 func (n *Node) rememberUDPPort() error {
-	ms, ok := n.ts.Sys().MagicSock.GetOK()
-	if !ok {
-		return nil
-	}
-	port := ms.LocalPort()
+	port := n.UDPPort()
 	if port == 0 || port == storedUDPPort(n.cfg.Dir) {
 		return nil
 	}

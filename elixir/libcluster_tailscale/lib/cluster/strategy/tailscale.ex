@@ -224,14 +224,13 @@ defmodule Cluster.Strategy.Tailscale do
           {[node()], [node()]}
   def plan(clustered, candidates, disconnect_on_departure, self_node \\ node(), unanswered \\ []) do
     candidates = candidates |> MapSet.new() |> MapSet.delete(self_node)
-    silent = MapSet.new(unanswered, &to_string/1)
 
     departed =
       if disconnect_on_departure do
         clustered
         |> MapSet.difference(candidates)
         |> MapSet.delete(self_node)
-        |> MapSet.reject(&MapSet.member?(silent, host_part(&1)))
+        |> MapSet.difference(on_hosts(clustered, unanswered))
       else
         MapSet.new()
       end
@@ -256,6 +255,13 @@ defmodule Cluster.Strategy.Tailscale do
     |> MapSet.delete(self_node)
     |> MapSet.difference(MapSet.new(failed_nodes(connected)))
     |> MapSet.union(MapSet.new(failed_nodes(disconnected)))
+  end
+
+  # The nodes among `nodes` that run on one of `hosts` (as node names
+  # write them).
+  defp on_hosts(nodes, hosts) do
+    hosts = MapSet.new(hosts, &to_string/1)
+    MapSet.filter(nodes, &(host_part(&1) in hosts))
   end
 
   defp host_part(node), do: node |> Atom.to_string() |> String.split("@") |> List.last()
@@ -419,10 +425,7 @@ defmodule Cluster.Strategy.Tailscale do
 
     connected = Cluster.Strategy.connect_nodes(topology, connect, list_nodes, to_connect)
     # The nodes of a silent host that were clustered stay clustered.
-    silent = MapSet.new(unanswered, &to_string/1)
-
-    kept_silent =
-      MapSet.filter(clustered, &(host_part(&1) in silent and &1 not in to_connect))
+    kept_silent = MapSet.difference(on_hosts(clustered, unanswered), MapSet.new(to_connect))
 
     state
     |> put_meta(:clustered, MapSet.union(settle(to_connect, connected, disconnected), kept_silent))
