@@ -158,6 +158,15 @@ func meshOnce(t *testing.T, n, repeat int) time.Duration {
 			slow = append(slow, fmt.Sprintf("m%d->m%d %v", r.from, r.to, r.took.Round(time.Millisecond)))
 		}
 	}
+	if logs != nil {
+		logMu.Lock()
+		text := logs.String()
+		logMu.Unlock()
+		if k := strings.Count(text, "carrier: first handshake"); k > 0 {
+			t.Logf("repeat %d: %d lost first handshakes restarted (crossed: %d, raced: %d)", repeat, k,
+				strings.Count(text, "crossed the peer's"), strings.Count(text, "raced the peer's"))
+		}
+	}
 	if len(slow) > 0 {
 		t.Logf("repeat %d: dials over 0.5 s: %s", repeat, strings.Join(slow, ", "))
 		if logs != nil {

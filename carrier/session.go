@@ -2,6 +2,7 @@ package carrier
 
 import (
 	"context"
+	"encoding/base64"
 	"fmt"
 	"net/netip"
 	"strings"
@@ -60,6 +61,10 @@ const (
 // (resetCrossed), and its next packet starts a fresh handshake, which the
 // other end, not having started one, answers. Only one end resets, so the
 // fresh handshakes do not cross again.
+//
+// Crossed handshakes can also leave one end with a session the other
+// cannot reach (wireguard-go handles the two messages at once; see
+// resetRaced): its ping goes unanswered, and it drops its device peer too.
 func (n *Node) awaitSession(ctx context.Context, addr netip.Addr) error {
 	self4, self6 := n.ts.TailscaleIPs()
 	if addr == self4 || addr == self6 {
@@ -91,14 +96,15 @@ func (n *Node) awaitSession(ctx context.Context, addr netip.Addr) error {
 	}
 	waitCtx, cancelWait := context.WithTimeout(ctx, sessionWait)
 	defer cancelWait()
-	var peerKey key.NodePublic
+	var peerKey, crossKey key.NodePublic // crossKey: zero at the end that does not reset a crossing
+	if who, err := lc.WhoIs(waitCtx, addr.String()); err == nil && who.Node != nil {
+		peerKey = who.Node.Key
+	}
 	if self.Less(addr) {
-		if who, err := lc.WhoIs(waitCtx, addr.String()); err == nil && who.Node != nil {
-			peerKey = who.Node.Key
-		}
+		crossKey = peerKey
 	}
 	for timeout := firstPingTimeout; ; timeout *= 2 {
-		crossed := n.crossings.watch(peerKey)
+		lost := n.crossings.watch(peerKey)
 		pingCtx, cancel := context.WithTimeout(waitCtx, timeout)
 		pong := make(chan bool, 1)
 		go func() {
@@ -111,13 +117,13 @@ func (n *Node) awaitSession(ctx context.Context, addr netip.Addr) error {
 			select {
 			case ok = <-pong:
 				break wait
-			case <-crossed:
-				if n.crossings.fresh(peerKey, crossingFresh) {
+			case <-lost:
+				if n.crossings.fresh(crossKey, crossingFresh) || n.crossings.racedWithin(peerKey, crossingFresh) {
 					cancel() // this ping's handshake is lost
 					ok = <-pong
 					break wait
 				}
-				crossed = n.crossings.watch(peerKey) // another peer's
+				lost = n.crossings.watch(peerKey) // another peer's, or not ours to reset
 			}
 		}
 		cancel()
@@ -127,7 +133,7 @@ func (n *Node) awaitSession(ctx context.Context, addr netip.Addr) error {
 			n.mu.Unlock()
 			return nil
 		}
-		if n.resetCrossed(waitCtx, lc, addr, peerKey) {
+		if n.resetCrossed(waitCtx, lc, addr, crossKey) || n.resetRaced(waitCtx, lc, addr, peerKey) {
 			timeout = firstPingTimeout / 2 // the fresh handshake gets a fresh wait
 		}
 		if waitCtx.Err() != nil {
@@ -231,6 +237,62 @@ func (n *Node) resetCrossed(ctx context.Context, lc *local.Client, addr netip.Ad
 	return true
 }
 
+// resetRaced drops the WireGuard device's state for a peer whose crossed
+// first handshake left this node with a session the peer cannot reach, so
+// that the next packet starts a fresh handshake.
+//
+// The race (wireguard-go's device/noise-protocol.go, handled by two of its
+// handshake goroutines at once): ConsumeMessageResponse checks the peer's
+// answer to this node's initiation against the handshake state under a read
+// lock and writes the result under the write lock; in between,
+// ConsumeMessageInitiation and CreateMessageResponse take the peer's own
+// initiation and replace the handshake's local index. The answer's keys
+// are then installed under the new index, while the peer, which took this
+// node's initiation, addresses every packet to the old one: this node
+// drops them all, unseen, and the peer never gets a pong. wireguard-go
+// itself gives up on the session only after 15 s without an answer
+// (KeepaliveTimeout + RekeyTimeout). The sign in the log is a valid
+// response from the peer after this node answered the peer's initiation,
+// with no initiation of this node's in between (see handshakes.note).
+//
+// The reset is deadlock-free for the reason resetCrossed's is: no packet of
+// the peer's reaches the device peer, since they all carry the dropped
+// index (the peer has no other keys: its own initiation was answered with
+// this node's reply, which it rejected as a crossing). A race whose reply
+// could not be created ("Failed to create response message") keeps the
+// old index, works, and is not reset.
+func (n *Node) resetRaced(ctx context.Context, lc *local.Client, addr netip.Addr, peerKey key.NodePublic) bool {
+	at, ok := n.crossings.takeRace(peerKey, crossingFresh)
+	if !ok {
+		return false
+	}
+	// The pause lets a "Failed to create response message" line, which
+	// may follow the race's, be logged and undo it; and the fresh
+	// initiation must not come within 20 ms of the one the peer took.
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(time.Until(at.Add(initiationGap))):
+	}
+	if n.crossings.raceUndone(peerKey) {
+		return false
+	}
+	st, err := lc.Status(ctx)
+	if err != nil {
+		return false
+	}
+	if _, ok := st.Peer[peerKey]; !ok {
+		return false
+	}
+	engine, ok := n.ts.Sys().Engine.GetOK()
+	if !ok {
+		return false
+	}
+	n.ts.Logf("carrier: first handshake with %v raced the peer's (its packets go to a dropped index); starting a fresh one", addr)
+	engine.ResetDevicePeer(peerKey)
+	return true
+}
+
 // crossingLog is wireguard-go's log line (device/receive.go) for a
 // handshake response that matches no handshake of this node's; the peer's
 // public key, in hex, follows it.
@@ -238,27 +300,105 @@ const crossingLog = "Received invalid response message from "
 
 // crossings records, per peer, the last time WireGuard rejected a
 // handshake response from it, which is the sign of crossed handshakes.
+//
+// It also follows each peer's handshake messages, as wireguard-go logs
+// them, for the sign of a raced handshake (see resetRaced).
 type crossings struct {
-	mu     sync.Mutex
-	at     map[string]time.Time // by the peer key's hex
-	signal chan struct{}        // closed at each new record
+	mu         sync.Mutex
+	at         map[string]time.Time      // by the peer key's hex
+	signal     chan struct{}             // closed at each new record
+	handshakes map[string]handshakeRound // by the peer as wireguard-go's lines name it
+	raced      map[string]time.Time      // likewise
+	undone     map[string]bool           // races whose answer then failed (see resetRaced)
 }
+
+// handshakeRound is what this node's log has said of one peer since this
+// node last sent it a handshake initiation.
+type handshakeRound struct {
+	initiated bool // this node sent an initiation, not yet answered
+	answered  bool // then it answered the peer's own initiation
+	failed    bool // and that answer could not be created
+}
+
+// The lines of wireguard-go (device/send.go, device/receive.go) that follow
+// a handshake with a peer; the peer comes first ("%v - ...").
+const (
+	sentInitiationLog = " - Sending handshake initiation"
+	gotInitiationLog  = " - Received handshake initiation"
+	gotResponseLog    = " - Received handshake response"
+	noResponseLog     = " - Failed to create response message"
+)
 
 func newCrossings() *crossings {
-	return &crossings{at: make(map[string]time.Time), signal: make(chan struct{})}
+	return &crossings{
+		at:         make(map[string]time.Time),
+		signal:     make(chan struct{}),
+		handshakes: make(map[string]handshakeRound),
+		raced:      make(map[string]time.Time),
+		undone:     make(map[string]bool),
+	}
 }
 
-// logf wraps a tailscale logger, noting crossings as they are logged.
+// logf wraps a tailscale logger, noting crossings and races as they are
+// logged.
 func (c *crossings) logf(next logger.Logf) logger.Logf {
 	return func(format string, args ...any) {
-		if strings.Contains(format, "invalid response") {
+		switch {
+		case strings.Contains(format, "invalid response"):
 			line := fmt.Sprintf(format, args...)
 			if i := strings.Index(line, crossingLog); i >= 0 {
 				c.note(strings.TrimSpace(line[i+len(crossingLog):]))
 			}
+		case strings.Contains(format, " handshake ") || strings.Contains(format, noResponseLog):
+			c.noteHandshake(fmt.Sprintf(format, args...))
 		}
 		next(format, args...)
 	}
+}
+
+// noteHandshake follows one wireguard-go handshake line ("wg: [v2] PEER -
+// Received handshake response", PEER as wglog names it).
+func (c *crossings) noteHandshake(line string) {
+	var peer string
+	var event string
+	for _, e := range []string{sentInitiationLog, gotInitiationLog, gotResponseLog, noResponseLog} {
+		if i := strings.Index(line, e); i >= 0 {
+			head := line[:i]
+			peer, event = head[strings.LastIndexByte(head, ' ')+1:], e
+			break
+		}
+	}
+	if peer == "" {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.handshakes) >= 4096 {
+		clear(c.handshakes)
+		clear(c.raced)
+		clear(c.undone)
+	}
+	r := c.handshakes[peer]
+	switch event {
+	case sentInitiationLog:
+		r = handshakeRound{initiated: true}
+	case gotInitiationLog:
+		r.answered = r.initiated
+	case noResponseLog:
+		r.failed = true
+		if _, ok := c.raced[peer]; ok {
+			c.undone[peer] = true
+		}
+	case gotResponseLog:
+		if r.initiated && r.answered && !r.failed {
+			c.raced[peer] = time.Now()
+			delete(c.undone, peer)
+			close(c.signal)
+			c.signal = make(chan struct{})
+		}
+		r = handshakeRound{}
+	}
+	c.handshakes[peer] = r
 }
 
 func (c *crossings) note(keyHex string) {
@@ -300,4 +440,54 @@ func (c *crossings) take(k key.NodePublic, d time.Duration) (at time.Time, ok bo
 	at, ok = c.at[hex]
 	delete(c.at, hex)
 	return at, ok && time.Since(at) < d
+}
+
+// racedWithin reports whether a raced handshake with k was logged within d.
+func (c *crossings) racedWithin(k key.NodePublic, d time.Duration) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, name := range logNames(k) {
+		if at, ok := c.raced[name]; ok {
+			return time.Since(at) < d
+		}
+	}
+	return false
+}
+
+// takeRace is racedWithin, returning when the race was, and forgets it
+// (one reset per race).
+func (c *crossings) takeRace(k key.NodePublic, d time.Duration) (at time.Time, ok bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, name := range logNames(k) {
+		if at, ok := c.raced[name]; ok {
+			delete(c.raced, name)
+			return at, time.Since(at) < d
+		}
+	}
+	return time.Time{}, false
+}
+
+// raceUndone reports whether the answer this node gave in its last race
+// with k could not be created: the handshake then kept its index, and the
+// session works.
+func (c *crossings) raceUndone(k key.NodePublic) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, name := range logNames(k) {
+		if c.undone[name] {
+			delete(c.undone, name)
+			return true
+		}
+	}
+	return false
+}
+
+// logNames are the names wireguard-go's lines give peer k: tailscale's
+// short form ("[kcUU4]"), which wglog substitutes for the peers it knows,
+// and wireguard-go's own ("peer(kcUU…9Xs=)").
+func logNames(k key.NodePublic) []string {
+	raw := k.Raw32()
+	b64 := base64.StdEncoding.EncodeToString(raw[:])
+	return []string{k.ShortString(), "peer(" + b64[0:4] + "…" + b64[39:43] + ")"}
 }

@@ -61,3 +61,54 @@ func TestCrossingsFromLog(t *testing.T) {
 		t.Error("watch of the zero key (the end that does not reset) must never fire")
 	}
 }
+
+// TestRacedHandshakeFromLog feeds the race recogniser the sequences of
+// handshake lines wireguard-go logs for one peer: only a valid response
+// that comes after this node answered the peer's initiation, with no new
+// initiation of its own in between, is the race (see resetRaced).
+func TestRacedHandshakeFromLog(t *testing.T) {
+	peer := key.NewNode().Public()
+	short := peer.ShortString()
+	wgName := logNames(peer)[1]
+	line := func(name, event string) [2]string { return [2]string{"wg: [v2] %v" + event, name} }
+	tests := []struct {
+		name  string
+		lines [][2]string
+		want  bool
+	}{
+		{"raced", [][2]string{line(short, sentInitiationLog), line(short, gotInitiationLog), line(short, " - Sending handshake response"), line(short, gotResponseLog)}, true},
+		{"raced, wireguard-go's own peer name", [][2]string{line(wgName, sentInitiationLog), line(wgName, gotInitiationLog), line(wgName, gotResponseLog)}, true},
+		{"a plain handshake", [][2]string{line(short, sentInitiationLog), line(short, gotResponseLog)}, false},
+		{"answered after the session was made", [][2]string{line(short, sentInitiationLog), line(short, gotResponseLog), line(short, gotInitiationLog)}, false},
+		{"only answering", [][2]string{line(short, gotInitiationLog), line(short, gotResponseLog)}, false},
+		{"a new initiation in between", [][2]string{line(short, sentInitiationLog), line(short, gotInitiationLog), line(short, sentInitiationLog), line(short, gotResponseLog)}, false},
+		{"the answer could not be created", [][2]string{line(short, sentInitiationLog), line(short, gotInitiationLog), line(short, gotResponseLog), line(short, noResponseLog)}, false},
+		{"another peer's lines", [][2]string{line("[zzzzz]", sentInitiationLog), line("[zzzzz]", gotInitiationLog), line("[zzzzz]", gotResponseLog)}, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newCrossings()
+			signal := c.watch(peer)
+			logf := c.logf(func(string, ...any) {})
+			for _, l := range tt.lines {
+				logf(l[0], l[1])
+			}
+			signalled := false
+			select {
+			case <-signal:
+				signalled = true
+			default:
+			}
+			_, raced := c.takeRace(peer, time.Minute)
+			if got := raced && !c.raceUndone(peer); got != tt.want {
+				t.Errorf("race to reset = %v, want %v", got, tt.want)
+			}
+			if tt.want && !signalled {
+				t.Error("race recorded but not signalled")
+			}
+			if _, again := c.takeRace(peer, time.Minute); again {
+				t.Error("takeRace: a race allows one reset, got two")
+			}
+		})
+	}
+}
