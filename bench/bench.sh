@@ -4,11 +4,14 @@
 # docs/benchmarks.png from its results. See bench/tsdist_bench.erl for what
 # is measured and how (and bench/tsdist_bench_peer.erl for what its nodes run).
 #
-#   bash bench/bench.sh            # the full run (5 repeats, meshes of 2, 4, 8)
+#   bash bench/bench.sh            # the full run (5 repeats, meshes of 2, 4, 8 twice
+#                                  # each per repeat, 10 trials of each restart)
 #   BENCH_QUICK=1 bash bench/bench.sh   # the smoke run `make test` does:
 #                                  # 1 repeat, tiny counts, a mesh of 2; no doc
 #
-# Environment: BENCH_REPEATS, BENCH_MESH (e.g. 2,4,8; none), BENCH_CARRIERS
+# Environment: BENCH_REPEATS, BENCH_MESH (e.g. 2,4,8; none), BENCH_MESH_ROUNDS
+# (meshes of each size per repeat), BENCH_RESTARTS (trials of each restart;
+# 0: none), BENCH_CARRIERS
 # (tcp,tls,tailscale,tsnet,ergo), BENCH_VARIANT=LABEL=DIR (tailscale_dist and
 # raw tsnet once more with another tree's helper and OTP code: bench/ab.sh),
 # BENCH_OUT (results; default bench/out), BENCH_DOC (default

@@ -18,8 +18,9 @@
 %%% receiver on B, timed until B has them all), and resident memory of A's
 %%% BEAM and helper right after the transfers, and of the helper again 5 s
 %%% later, at rest. Then full-mesh formation for 2, 4
-%%% and 8 fresh nodes: every node connects to every other at once, timed
-%%% until each sees all others.
+%%% and 8 fresh nodes (twice each per repeat): every node connects to every
+%%% other at once, timed until each sees all others. After the repeats, for
+%%% tailscale_dist, a cluster's recovery from restarts (run_rejoins/2).
 %%%
 %%% This module is the orchestrator, on a node of its own that is not
 %%% distributed; what the benchmark's nodes run (the echo and sink
@@ -75,6 +76,9 @@ run() ->
                          io:format("== repeat ~b of ~b~n", [R, maps:get(repeats, O)]),
                          lists:append([run_carrier(C, R, Ctx) || C <- rotate(Carriers, R)])
                      end || R <- lists:seq(1, maps:get(repeats, O))])
+                  ++ lists:append([guarded(C, 0, fun() -> run_rejoins(C, Ctx) end)
+                                   || maps:get(restarts, O) > 0,
+                                      #{id := "tailscale"} = C <- Carriers])
               after
                   stop_devnet(Devnet),
                   os:cmd("rm -rf " ++ Work)
@@ -96,6 +100,10 @@ opts() ->
     #{quick => Quick, repeats => Repeats, mesh => Mesh, carriers => Carriers, root => Root,
       out => env("BENCH_OUT", filename:join(Root, "bench/out")),
       bench_ebin => env("BENCH_EBIN", filename:join(Root, "_build/bench")),
+      %% meshes of each size per repeat, and trials of each kind of
+      %% restart (see run_rejoins/2)
+      mesh_rounds => list_to_integer(env("BENCH_MESH_ROUNDS", case Quick of true -> "1"; false -> "2" end)),
+      restarts => list_to_integer(env("BENCH_RESTARTS", case Quick of true -> "1"; false -> "10" end)),
       pings => case Quick of true -> 200; false -> 2000 end,
       msgs => case Quick of true -> 5000; false -> 200000 end,
       mibs => case Quick of true -> 4; false -> 64 end,
@@ -149,7 +157,7 @@ run_carrier(#{base := "tsnet"} = C, R, Ctx) ->
 run_carrier(C, R, Ctx) ->
     Pair = guarded(C, R, fun() -> run_pair(C, R, Ctx) end),
     Mesh = lists:append([guarded(C, R, fun() -> run_mesh(C, R, N, Ctx) end)
-                         || N <- maps:get(mesh, Ctx)]),
+                         || N <- maps:get(mesh, Ctx), _ <- lists:seq(1, maps:get(mesh_rounds, Ctx))]),
     Pair ++ Mesh.
 
 guarded(C, R, F) ->
@@ -246,7 +254,8 @@ workloads(A, To, Rtt, Stream, Ctx) ->
     {Setup, RttMed, RttP99, Msg64, Mib}.
 
 run_mesh(C, R, N, Ctx) ->
-    Tags = [tag(C, R, "m" ++ integer_to_list(N) ++ [$a + I - 1]) || I <- lists:seq(1, N)],
+    Round = integer_to_list(erlang:unique_integer([positive])),
+    Tags = [tag(C, R, "m" ++ integer_to_list(N) ++ [$a + I - 1] ++ Round) || I <- lists:seq(1, N)],
     Self = self(),
     Boots = [spawn_link(fun() -> Self ! {booted, T, boot(C, T, Ctx)} end) || T <- Tags],
     Nodes = [receive {booted, T, B} -> B after 120000 -> error({boot_timeout, T}) end
@@ -268,6 +277,148 @@ run_mesh(C, R, N, Ctx) ->
     after
         [stop_node(P) || {_, P, _} <- Nodes]
     end.
+
+%% Restarts in a running cluster, as an operator or a crash makes them:
+%% three BEAM nodes (tailscale_dist, each running tailscale_discovery with
+%% its defaults but a hostname pattern) and a Go node (test/ergoprobe), all
+%% persistent (restarted on their state, as a service would be). Then
+%% Trials times, in turn:
+%%
+%%   rejoin_helper_ms  node c's helper is killed (SIGKILL); its BEAM starts
+%%                     a new one on the same state;
+%%   rejoin_node_ms    node c is stopped (its BEAM and helper exit) and
+%%                     started again on its state, as a new BEAM;
+%%   rejoin_go_ms      the Go node is stopped and started again on its state;
+%%
+%% each timed from the restart (the kill; the start of the new BEAM or Go
+%% process: its boot is included, and reported on its own as reboot_*_ms)
+%% until the restarted node is in the nodes() of every other node again, as
+%% each of them saw it (net_kernel:monitor_nodes). Discovery connects the
+%% BEAM nodes to each other and to the Go node; nothing else reconnects.
+run_rejoins(C0, Ctx) ->
+    C = C0#{persistent => true},
+    Trials = maps:get(restarts, Ctx),
+    [Ta, Tb, Tc, Tg] = [tag(C, 0, "r" ++ S) || S <- ["a", "b", "c", "g"]],
+    Pattern = "^" ++ tag(C, 0, "r"),
+    BootDiscovering = fun(T) ->
+                              {Ms, P, Name} = boot(C, T, Ctx),
+                              ok = call(P, start_discovery, [Pattern]),
+                              {Ms, P, Name}
+                      end,
+    Go = list_to_atom("bench@" ++ Tg),
+    StartGo = fun() -> start_go_node(C, Go, Tg, Ctx) end,
+    {_, A, NA} = BootDiscovering(Ta),
+    {_, B, NB} = BootDiscovering(Tb),
+    Cnode = BootDiscovering(Tc),
+    GoNode = StartGo(),
+    State = #{a => {A, NA}, b => {B, NB}, c => Cnode, go => GoNode},
+    try
+        await_cluster(State, Go, 60000),
+        io:format("   rejoins: a cluster of 3 BEAM nodes and a Go node, ~b trial(s) of each restart~n", [Trials]),
+        {Samples, Final} = lists:foldl(fun(I, {Acc, St}) ->
+                                               {S1, St1} = rejoin_trial(C, I, St, Go, BootDiscovering, StartGo),
+                                               {Acc ++ S1, St1}
+                                       end, {[], State}, lists:seq(1, Trials)),
+        put(rejoin_state, Final),
+        Samples
+    after
+        St = case get(rejoin_state) of undefined -> State; F -> F end,
+        erase(rejoin_state),
+        [stop_node(P) || {_, P, _} <- [maps:get(c, St)]],
+        stop_node(A), stop_node(B),
+        {GoPort, _} = maps:get(go, St),
+        stop_helper(GoPort)
+    end.
+
+rejoin_trial(C, I, St0, Go, BootDiscovering, StartGo) ->
+    Id = maps:get(id, C),
+    {A, NA} = maps:get(a, St0),
+    {B, NB} = maps:get(b, St0),
+    {_, Cp, NC} = maps:get(c, St0),
+    %% Each restart starts from the whole cluster connected: 'global'
+    %% (prevent_overlapping_partitions) disconnects more than the restarted
+    %% node, and discovery connects them again.
+    Cluster = fun(Cn) -> await_cluster(St0#{c := {0, Cn, NC}}, Go, 30000) end,
+    %% c's helper killed: its BEAM stays and starts a new helper.
+    Cluster(Cp),
+    {_, HelperPid} = call(Cp, pids, []),
+    Watch1 = arm([{A, NC}, {B, NC}, {Cp, Go}]),
+    T1 = os:system_time(microsecond),
+    _ = os:cmd("kill -9 " ++ integer_to_list(HelperPid)),
+    Helper = back(Watch1, T1),
+    %% c stopped, then started again as a new BEAM on its state (once its
+    %% helper, which exits with the BEAM, is gone).
+    Cluster(Cp),
+    {_, HelperPid2} = call(Cp, pids, []),
+    Watch2 = arm([{A, NC}, {B, NC}]),
+    stop_node(Cp),
+    await_gone(HelperPid2, 200),
+    downs(Watch2),
+    T2 = os:system_time(microsecond),
+    {Reboot, Cp2, NC} = BootDiscovering(tag_of(NC)),
+    Node = back(Watch2, T2),
+    %% the Go node stopped, then started again on its state.
+    {GoPort, _} = maps:get(go, St0),
+    Cluster(Cp2),
+    Watch3 = arm([{A, Go}, {B, Go}, {Cp2, Go}]),
+    stop_helper(GoPort),
+    downs(Watch3),
+    T3 = os:system_time(microsecond),
+    {GoPort2, GoBoot} = StartGo(),
+    GoBack = back(Watch3, T3),
+    Ms = [{rejoin_helper_ms, Helper}, {rejoin_node_ms, Node}, {reboot_node_ms, Reboot / 1000},
+          {rejoin_go_ms, GoBack}, {reboot_go_ms, GoBoot}],
+    report(Id, Ms),
+    _ = {NA, NB},
+    {[sample(C, I, M, V) || {M, V} <- Ms],
+     St0#{c := {Reboot, Cp2, NC}, go := {GoPort2, GoBoot}}}.
+
+tag_of(Node) ->
+    [_, Host] = string:split(atom_to_list(Node), "@"),
+    Host.
+
+%% Every BEAM node has every other and the Go node in nodes().
+await_cluster(#{a := {A, NA}, b := {B, NB}, c := {_, Cp, NC}}, Go, Timeout) ->
+    Deadline = erlang:monotonic_time(millisecond) + Timeout,
+    Want = [{A, [NB, NC, Go]}, {B, [NA, NC, Go]}, {Cp, [NA, NB, Go]}],
+    await_cluster(Want, Deadline).
+
+await_cluster(Want, Deadline) ->
+    Missing = [{P, Ns -- peer:call(P, erlang, nodes, [])} || {P, Ns} <- Want],
+    case [M || {_, [_ | _]} = M <- Missing] of
+        [] -> ok;
+        Left ->
+            erlang:monotonic_time(millisecond) < Deadline orelse error({cluster_incomplete, Left}),
+            timer:sleep(50),
+            await_cluster(Want, Deadline)
+    end.
+
+%% Watches on each {Peer, Node}: Peer's view of Node going down and coming
+%% back (tsdist_bench_peer:watch_node/1).
+arm(Pairs) ->
+    [{P, N, call(P, watch_node, [N])} || {P, N} <- Pairs].
+
+%% Waits until every watch has seen its node go down.
+downs(Watches) ->
+    [ok = call(P, watched, [W, down, 30000]) || {P, _, W} <- Watches],
+    ok.
+
+%% Milliseconds from T0 until the last watch saw its node back.
+back(Watches, T0) ->
+    Ups = [case call(P, watched, [W, up, 60000]) of
+               {up, T} -> T;
+               Other -> error({not_back, N, Other})
+           end || {P, N, W} <- Watches],
+    (lists:max(Ups) - T0) / 1000.
+
+%% A Go node (test/ergoprobe) on the tailnet, persistent: {Port, BootMs}.
+start_go_node(C, Go, Host, Ctx) ->
+    Env = [{"TS_CONTROL_URL", maps:get(url, Ctx)}, {"TS_EPHEMERAL", "0"},
+           {"TS_STATE_DIR", filename:join([maps:get(work, Ctx), "state", Host])}],
+    Port = open_port({spawn_executable, maps:get(ergoprobe, C, filename:join(maps:get(root, Ctx), "bin/ergoprobe"))},
+                     [{args, ["-name", atom_to_list(Go), "-cookie", ?COOKIE]}, {env, Env},
+                      exit_status, stderr_to_stdout, {line, 4096}]),
+    {Port, await_ready(Port, Go)}.
 
 %% A short host name, unique in the run: tailnet hostnames of nodes that
 %% just left may still be taken.
@@ -307,7 +458,7 @@ boot(#{base := "tailscale"} = C, Tag, Ctx) ->
            {"TSDIST_HELPER", maps:get(helper, C)},
            {"XDG_RUNTIME_DIR", filename:join(Work, "run")},
            {"TS_STATE_DIR", filename:join([Work, "state", Tag])},
-           {"TS_EPHEMERAL", "1"}],
+           {"TS_EPHEMERAL", case maps:get(persistent, C, false) of true -> "0"; false -> "1" end}],
     Args = ["-proto_dist", "tailscale", "-epmd_module", "tailscale_epmd", "-start_epmd", "false",
             "-setcookie", ?COOKIE, "-pa", maps:get(ebin, C), "-pa", maps:get(bench_ebin, Ctx),
             "-kernel", "logger_level", "warning"],

@@ -8,10 +8,13 @@
 %%% against B's echo/0 and sink/2 (spawned on B from here), or rtt_ergo/2
 %%% and stream_ergo/3 against the echo and counting sink of a Go node
 %%% (test/ergoprobe's `probe' gen server); on every node of a mesh,
-%%% mesh_join/2; and pids/0 for the memory readings.
+%%% mesh_join/2; and pids/0 for the memory readings. In the restart trials:
+%%% start_discovery/1, and watch_node/1 with watched/3 to time a node's
+%%% departure and return as this node sees them.
 -module(tsdist_bench_peer).
 
 -export([echo/0, sink/2, ping/1, rtt/2, rtt_ergo/2, stream/3, stream_ergo/3, mesh_join/2, pids/0]).
+-export([start_discovery/1, watch_node/1, watched/3]).
 
 %% Microseconds to connect to Node (the first net_adm:ping).
 -spec ping(node()) -> non_neg_integer().
@@ -111,3 +114,58 @@ pids() ->
                  false -> undefined
              end,
     {list_to_integer(os:getpid()), Helper}.
+
+%% tailscale_discovery with its defaults, for the hosts that match Pattern;
+%% it outlives the call.
+-spec start_discovery(string()) -> ok.
+start_discovery(Pattern) ->
+    {ok, Pid} = tailscale_discovery:start_link(#{hostname_pattern => Pattern}),
+    unlink(Pid),
+    ok.
+
+%% A process that notes, in OS microseconds, when Node next goes down and
+%% when it is then up again (net_kernel:monitor_nodes/1); watched/3 asks it.
+-spec watch_node(node()) -> pid().
+watch_node(Node) ->
+    Self = self(),
+    Pid = spawn(fun() ->
+                        ok = net_kernel:monitor_nodes(true),
+                        Self ! {self(), armed},
+                        watch_loop(Node, #{}, [])
+                end),
+    receive {Pid, armed} -> Pid end.
+
+watch_loop(Node, Seen, Waiting) ->
+    receive
+        {nodedown, Node} when not is_map_key(down, Seen) ->
+            answer(Node, Seen#{down => os:system_time(microsecond)}, Waiting);
+        {nodeup, Node} when is_map_key(down, Seen), not is_map_key(up, Seen) ->
+            answer(Node, Seen#{up => os:system_time(microsecond)}, Waiting);
+        {query, What, From} ->
+            answer(Node, Seen, [{What, From} | Waiting]);
+        _ -> % another node's, or a repeat
+            watch_loop(Node, Seen, Waiting)
+    end.
+
+%% Answers the questions that can be answered; the watch ends once it has
+%% said when the node was back.
+answer(Node, Seen, Waiting) ->
+    {Ready, Left} = lists:partition(fun({What, _}) -> is_map_key(What, Seen) end, Waiting),
+    [From ! {self(), {What, maps:get(What, Seen)}} || {What, From} <- Ready],
+    case lists:keymember(up, 1, Ready) of
+        true -> ok;
+        false -> watch_loop(Node, Seen, Left)
+    end.
+
+%% Waits up to Timeout ms for the watch to have seen What (down | up):
+%% {What, OsMicroseconds}, or timeout. The watch ends once up is asked.
+-spec watched(pid(), down | up, pos_integer()) -> {down | up, integer()} | ok | timeout.
+watched(Watch, What, Timeout) ->
+    Watch ! {query, What, self()},
+    receive
+        {Watch, {down, _}} when What =:= down -> ok;
+        {Watch, Answer} -> Answer
+    after Timeout ->
+            exit(Watch, kill),
+            timeout
+    end.

@@ -30,6 +30,7 @@ import (
 	"tailscale.com/ipn"
 	"tailscale.com/ipn/store/mem"
 	"tailscale.com/tsnet"
+	"tailscale.com/types/key"
 	"tailscale.com/types/logger"
 )
 
@@ -88,7 +89,7 @@ type Node struct {
 	running chan struct{} // closed once the node is Running
 
 	mu        sync.Mutex
-	sessionUp map[netip.Addr]bool // peers that have answered a TSMP ping
+	sessionUp map[netip.Addr]key.DiscoPublic // peers that have answered a TSMP ping, by the disco key they had
 	crossings *crossings          // first handshakes lost to the peer's (see awaitSession)
 }
 
@@ -134,7 +135,7 @@ func New(cfg Config) (*Node, error) {
 	} else if ts.Port == 0 {
 		ts.Port = storedUDPPort(cfg.Dir)
 	}
-	n := &Node{cfg: cfg, ts: ts, running: make(chan struct{}), sessionUp: make(map[netip.Addr]bool), crossings: cross}
+	n := &Node{cfg: cfg, ts: ts, running: make(chan struct{}), sessionUp: make(map[netip.Addr]key.DiscoPublic), crossings: cross}
 	// The carrier's own client of tsnet's LocalAPI, on a transport it can
 	// close: tsnet's Close leaves the idle connections of its client (and
 	// the server's goroutines behind them) open, one set per node.

@@ -47,8 +47,9 @@ const (
 // awaitSession returns once this node has a working WireGuard session with
 // the peer at addr (a TSMP ping, which travels inside WireGuard, has been
 // answered), so that the connection's SYN goes out at once and a first
-// dial costs no fixed pause. Peers with a session are remembered: later
-// dials rely on WireGuard alone.
+// dial costs no fixed pause. Peers with a session are remembered, with
+// their disco key: later dials rely on WireGuard alone until the peer
+// restarts.
 //
 // Two first handshakes that cross are both lost: when both ends of a pair
 // start one at the same moment (BEAM nodes that see each other connect to
@@ -70,15 +71,23 @@ func (n *Node) awaitSession(ctx context.Context, addr netip.Addr) error {
 	if addr == self4 || addr == self6 {
 		return nil // this node
 	}
-	n.mu.Lock()
-	up := n.sessionUp[addr]
-	n.mu.Unlock()
-	if up {
-		return nil
-	}
 	lc, err := n.local()
 	if err != nil {
 		return err
+	}
+	// A peer that restarted (a new disco key: a new process, perhaps on
+	// the old node key) must be brought up again: it may not know this
+	// node yet, and then it drops the first handshake without a word.
+	var peerKey key.NodePublic
+	var disco key.DiscoPublic
+	if who, err := lc.WhoIs(ctx, addr.String()); err == nil && who.Node != nil {
+		peerKey, disco = who.Node.Key, who.Node.DiscoKey
+	}
+	n.mu.Lock()
+	upWith, up := n.sessionUp[addr]
+	n.mu.Unlock()
+	if up && upWith == disco {
+		return nil
 	}
 	self := self4
 	if addr.Is6() {
@@ -96,10 +105,7 @@ func (n *Node) awaitSession(ctx context.Context, addr netip.Addr) error {
 	}
 	waitCtx, cancelWait := context.WithTimeout(ctx, sessionWait)
 	defer cancelWait()
-	var peerKey, crossKey key.NodePublic // crossKey: zero at the end that does not reset a crossing
-	if who, err := lc.WhoIs(waitCtx, addr.String()); err == nil && who.Node != nil {
-		peerKey = who.Node.Key
-	}
+	var crossKey key.NodePublic // zero at the end that does not reset a crossing
 	if self.Less(addr) {
 		crossKey = peerKey
 	}
@@ -129,7 +135,7 @@ func (n *Node) awaitSession(ctx context.Context, addr netip.Addr) error {
 		cancel()
 		if ok {
 			n.mu.Lock()
-			n.sessionUp[addr] = true
+			n.sessionUp[addr] = disco
 			n.mu.Unlock()
 			return nil
 		}
