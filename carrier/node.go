@@ -90,7 +90,14 @@ type Node struct {
 
 	mu        sync.Mutex
 	sessionUp map[netip.Addr]key.DiscoPublic // peers that have answered a TSMP ping, by the disco key they had
-	crossings *crossings          // first handshakes lost to the peer's (see awaitSession)
+	crossings *crossings                     // first handshakes lost to the peer's (see awaitSession)
+	pathless  map[string]bool                // peers a redoPathless is under way for
+
+	// bgCtx ends, and bg is waited for, at Close: the node's own
+	// goroutines (redoPathless).
+	bgCtx    context.Context
+	bgCancel context.CancelFunc
+	bg       sync.WaitGroup
 }
 
 // New checks cfg and prepares a node; nothing touches the network until Up.
@@ -135,7 +142,10 @@ func New(cfg Config) (*Node, error) {
 	} else if ts.Port == 0 {
 		ts.Port = storedUDPPort(cfg.Dir)
 	}
-	n := &Node{cfg: cfg, ts: ts, running: make(chan struct{}), sessionUp: make(map[netip.Addr]key.DiscoPublic), crossings: cross}
+	n := &Node{cfg: cfg, ts: ts, running: make(chan struct{}), sessionUp: make(map[netip.Addr]key.DiscoPublic),
+		crossings: cross, pathless: make(map[string]bool)}
+	n.bgCtx, n.bgCancel = context.WithCancel(context.Background())
+	cross.pathless = n.redoPathless
 	// The carrier's own client of tsnet's LocalAPI, on a transport it can
 	// close: tsnet's Close leaves the idle connections of its client (and
 	// the server's goroutines behind them) open, one set per node.
@@ -232,6 +242,10 @@ func (n *Node) userLogf(format string, args ...any) {
 // A node that was never brought up has nothing to close (and tsnet's Close
 // of a server that never started dereferences nil, v1.102.5).
 func (n *Node) Close() error {
+	n.mu.Lock()
+	n.bgCancel()
+	n.mu.Unlock()
+	n.bg.Wait()
 	if !n.started.Load() {
 		return nil
 	}

@@ -127,6 +127,37 @@ func TestResolve(t *testing.T) {
 	}
 }
 
+// TestResolveJustJoined looks up nodes the moment they are Running, when
+// alpha's netmap may not have them yet (in process it mostly has; it lags
+// when many nodes boot at once, as in `make bench`'s meshes), and a name
+// that never appears: it fails, but only after the grace (joinGrace).
+func TestResolveJustJoined(t *testing.T) {
+	leakcheck.Check(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	dn := startDevnet(t, ctx, devnet.Options{})
+	alpha := startNode(t, ctx, dn.ControlURL, "alpha")
+	for i := range 5 {
+		name := fmt.Sprintf("joiner%d", i)
+		startNode(t, ctx, dn.ControlURL, name)
+		start := time.Now()
+		if _, err := alpha.Resolve(ctx, name); err != nil {
+			t.Errorf("Resolve(%s) right after it joined: %v", name, err)
+		} else {
+			t.Logf("Resolve(%s) right after it joined: %v", name, time.Since(start).Round(time.Millisecond))
+		}
+	}
+	start := time.Now()
+	_, err := alpha.Resolve(ctx, "never")
+	took := time.Since(start)
+	if !errors.Is(err, carrier.ErrUnknownHost) || !strings.Contains(err.Error(), "looked for it") {
+		t.Errorf("Resolve(never) = %v; want ErrUnknownHost after looking for it", err)
+	}
+	if took < 250*time.Millisecond || took > 2*time.Second {
+		t.Errorf("Resolve(never) failed after %v; want the grace (300 ms), no more", took)
+	}
+}
+
 func TestListenDial(t *testing.T) {
 	leakcheck.Check(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

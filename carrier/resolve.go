@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"tailscale.com/ipn"
 	"tailscale.com/ipn/ipnstate"
 	"tailscale.com/net/tsaddr"
 )
@@ -42,14 +43,60 @@ type Candidate struct {
 // device that holds it. Matching ignores case and a trailing dot. A name
 // no device answers to, or an IP outside the tailnet's range, fails with
 // an error wrapping [ErrUnknownHost]; the system resolver is never asked.
+//
+// A name or address in the tailnet's range that no device answers to yet
+// is looked up again as the netmap changes, for [joinGrace]: a node that
+// has just joined reaches some peers' netmaps a moment after others', and
+// a look-up that fails then costs the caller a retry (a BEAM's next
+// connect, discovery's 250 ms).
 func (n *Node) Candidates(ctx context.Context, host string) ([]Candidate, error) {
+	cands, missing, err := n.candidates(ctx, host)
+	if !missing {
+		return cands, err
+	}
+	lc, lerr := n.local()
+	if lerr != nil {
+		return nil, err
+	}
+	waitCtx, cancel := context.WithTimeout(ctx, joinGrace)
+	defer cancel()
+	watcher, werr := lc.WatchIPNBus(waitCtx, ipn.NotifyPeerChanges)
+	if werr != nil {
+		return nil, err
+	}
+	defer watcher.Close()
+	// The netmap may have changed before the watch began.
+	if cands, missing, err2 := n.candidates(ctx, host); !missing {
+		return cands, err2
+	}
+	for {
+		note, werr := watcher.Next()
+		if werr != nil {
+			return nil, fmt.Errorf("%w (looked for it for %v)", err, joinGrace)
+		}
+		if note.NetMap == nil && note.PeersChanged == nil {
+			continue
+		}
+		if cands, missing, err2 := n.candidates(ctx, host); !missing {
+			return cands, err2
+		}
+	}
+}
+
+// joinGrace is how long a look-up waits for a device that is not in the
+// netmap to appear (see [Node.Candidates]).
+const joinGrace = 300 * time.Millisecond
+
+// candidates is one look-up of [Node.Candidates]; missing reports that no
+// device answers to host, which a later netmap may change.
+func (n *Node) candidates(ctx context.Context, host string) (_ []Candidate, missing bool, _ error) {
 	ip, ipErr := netip.ParseAddr(host)
 	if ipErr == nil && !tsaddr.IsTailscaleIP(ip) {
-		return nil, fmt.Errorf("carrier: %s is not a tailnet address: %w", host, ErrUnknownHost)
+		return nil, false, fmt.Errorf("carrier: %s is not a tailnet address: %w", host, ErrUnknownHost)
 	}
 	st, err := n.rawStatus(ctx)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	var out []Candidate
 	add := func(p *ipnstate.PeerStatus, self, exact bool, at netip.Addr) {
@@ -85,13 +132,13 @@ func (n *Node) Candidates(ctx context.Context, host string) ([]Candidate, error)
 			}
 		}
 		if len(out) == 0 {
-			return nil, fmt.Errorf("carrier: no node of the tailnet has address %s: %w", host, ErrUnknownHost)
+			return nil, true, fmt.Errorf("carrier: no node of the tailnet has address %s: %w", host, ErrUnknownHost)
 		}
-		return out, nil
+		return out, false, nil
 	}
 	want := strings.ToLower(strings.TrimSuffix(host, "."))
 	if want == "" {
-		return nil, fmt.Errorf("carrier: empty host name: %w", ErrUnknownHost)
+		return nil, false, fmt.Errorf("carrier: empty host name: %w", ErrUnknownHost)
 	}
 	dnsName := func(p *ipnstate.PeerStatus) string { return strings.ToLower(strings.TrimSuffix(p.DNSName, ".")) }
 	label := func(p *ipnstate.PeerStatus) string { l, _, _ := strings.Cut(dnsName(p), "."); return l }
@@ -119,9 +166,9 @@ func (n *Node) Candidates(ctx context.Context, host string) ([]Candidate, error)
 		}
 	}
 	if len(out) == 0 {
-		return nil, fmt.Errorf("carrier: host %q is not on the tailnet: %w", host, ErrUnknownHost)
+		return nil, true, fmt.Errorf("carrier: host %q is not on the tailnet: %w", host, ErrUnknownHost)
 	}
-	return out, nil
+	return out, false, nil
 }
 
 // Pick chooses which of the candidates for one name the name means.

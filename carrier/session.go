@@ -5,11 +5,13 @@ import (
 	"encoding/base64"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"time"
 
 	"tailscale.com/client/local"
+	"tailscale.com/ipn/ipnstate"
 	"tailscale.com/tailcfg"
 	"tailscale.com/types/key"
 	"tailscale.com/types/logger"
@@ -267,6 +269,12 @@ func (n *Node) resetCrossed(ctx context.Context, lc *local.Client, addr netip.Ad
 // this node's reply, which it rejected as a crossing). A race whose reply
 // could not be created ("Failed to create response message") keeps the
 // old index, works, and is not reset.
+//
+// The same race can end the other way: the answer is taken, then the
+// peer's initiation changes the state before the keys are made from it
+// ("Failed to derive keypair"). Neither end has keys it can send with (the
+// peer's are a responder's, unusable until this node sends), so the reset
+// is safe there too.
 func (n *Node) resetRaced(ctx context.Context, lc *local.Client, addr netip.Addr, peerKey key.NodePublic) bool {
 	at, ok := n.crossings.takeRace(peerKey, crossingFresh)
 	if !ok {
@@ -316,6 +324,10 @@ type crossings struct {
 	handshakes map[string]handshakeRound // by the peer as wireguard-go's lines name it
 	raced      map[string]time.Time      // likewise
 	undone     map[string]bool           // races whose answer then failed (see resetRaced)
+	// pathless, set before the node starts, is called (on the logging
+	// goroutine: it must not block) with the peer of a handshake message
+	// that could not be sent for want of an address (see redoPathless).
+	pathless func(peer string)
 }
 
 // handshakeRound is what this node's log has said of one peer since this
@@ -333,6 +345,14 @@ const (
 	gotInitiationLog  = " - Received handshake initiation"
 	gotResponseLog    = " - Received handshake response"
 	noResponseLog     = " - Failed to create response message"
+	// noKeypairLog: a handshake that completed could not make its keys,
+	// the other goroutine having changed its state (see noteHandshake).
+	noKeypairLog = " - Failed to derive keypair"
+	// unsentLog is followed by "initiation: " or "response: " and the
+	// error; pathlessLog is magicsock's error for a peer it has neither
+	// a UDP address nor a DERP home for yet.
+	unsentLog   = " - Failed to send handshake "
+	pathlessLog = "no UDP or DERP addr"
 )
 
 func newCrossings() *crossings {
@@ -355,7 +375,14 @@ func (c *crossings) logf(next logger.Logf) logger.Logf {
 			if i := strings.Index(line, crossingLog); i >= 0 {
 				c.note(strings.TrimSpace(line[i+len(crossingLog):]))
 			}
-		case strings.Contains(format, " handshake ") || strings.Contains(format, noResponseLog):
+		case strings.Contains(format, unsentLog):
+			line := fmt.Sprintf(format, args...)
+			if i := strings.Index(line, unsentLog); i >= 0 && strings.Contains(line, pathlessLog) && c.pathless != nil {
+				head := line[:i]
+				c.pathless(head[strings.LastIndexByte(head, ' ')+1:])
+			}
+		case strings.Contains(format, " handshake ") || strings.Contains(format, noResponseLog) ||
+			strings.Contains(format, noKeypairLog):
 			c.noteHandshake(fmt.Sprintf(format, args...))
 		}
 		next(format, args...)
@@ -367,7 +394,7 @@ func (c *crossings) logf(next logger.Logf) logger.Logf {
 func (c *crossings) noteHandshake(line string) {
 	var peer string
 	var event string
-	for _, e := range []string{sentInitiationLog, gotInitiationLog, gotResponseLog, noResponseLog} {
+	for _, e := range []string{sentInitiationLog, gotInitiationLog, gotResponseLog, noResponseLog, noKeypairLog} {
 		if i := strings.Index(line, e); i >= 0 {
 			head := line[:i]
 			peer, event = head[strings.LastIndexByte(head, ' ')+1:], e
@@ -397,12 +424,15 @@ func (c *crossings) noteHandshake(line string) {
 		}
 	case gotResponseLog:
 		if r.initiated && r.answered && !r.failed {
-			c.raced[peer] = time.Now()
-			delete(c.undone, peer)
-			close(c.signal)
-			c.signal = make(chan struct{})
+			c.race(peer)
 		}
 		r = handshakeRound{}
+	case noKeypairLog:
+		// The same race the other way round: the answer was taken, then
+		// the peer's initiation changed the state before the keys were
+		// made from it. No session either side; the peer rejects this
+		// node's answer to its initiation as a crossing.
+		c.race(peer)
 	}
 	c.handshakes[peer] = r
 }
@@ -446,6 +476,14 @@ func (c *crossings) take(k key.NodePublic, d time.Duration) (at time.Time, ok bo
 	at, ok = c.at[hex]
 	delete(c.at, hex)
 	return at, ok && time.Since(at) < d
+}
+
+// race records a raced handshake with peer; c.mu is held.
+func (c *crossings) race(peer string) {
+	c.raced[peer] = time.Now()
+	delete(c.undone, peer)
+	close(c.signal)
+	c.signal = make(chan struct{})
 }
 
 // racedWithin reports whether a raced handshake with k was logged within d.
@@ -496,4 +534,92 @@ func logNames(k key.NodePublic) []string {
 	raw := k.Raw32()
 	b64 := base64.StdEncoding.EncodeToString(raw[:])
 	return []string{k.ShortString(), "peer(" + b64[0:4] + "…" + b64[39:43] + ")"}
+}
+
+// pathWait bounds how long redoPathless waits for a peer's address.
+const pathWait = 2 * time.Second
+
+// redoPathless starts a handshake with the peer that wireguard-go's lines
+// call name again, once this node has an address for it (see
+// resetPathless). One at a time per peer; it runs until the node closes
+// at the latest.
+func (n *Node) redoPathless(name string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.pathless[name] || n.bgCtx.Err() != nil {
+		return
+	}
+	n.pathless[name] = true
+	n.bg.Add(1)
+	go func() {
+		defer n.bg.Done()
+		n.resetPathless(n.bgCtx, name, time.Now())
+		n.mu.Lock()
+		delete(n.pathless, name)
+		n.mu.Unlock()
+	}()
+}
+
+// resetPathless handles a handshake message this node could not send to a
+// peer because magicsock had no address for it: a node that has just
+// joined sends its first initiation as soon as the peer knows its keys,
+// which can be before the control server has given the peer its DERP home
+// and endpoints. The peer then takes the initiation, cannot send its
+// answer ("Failed to send handshake response: no UDP or DERP addr"), and,
+// having just sent a handshake message, starts none of its own for 5 s
+// (RekeyTimeout), while the initiator retries only after 5 s: the pair's
+// first connection stalled 5 s. Seen in about one 8-node BEAM mesh in five.
+//
+// Once the peer has an address (a DERP home or a direct path, within
+// pathWait), this node drops its device peer, as resetCrossed does, and
+// pings the peer over TSMP: the fresh device peer sends a fresh initiation,
+// which the peer, whose own initiation is pending, takes and answers. The
+// reset is safe for resetCrossed's reason: no handshake with the peer has
+// completed (checked), so no packet of a session can be under way.
+func (n *Node) resetPathless(ctx context.Context, name string, at time.Time) {
+	ctx, cancel := context.WithTimeout(ctx, pathWait)
+	defer cancel()
+	lc, err := n.local()
+	if err != nil {
+		return
+	}
+	for {
+		st, err := lc.Status(ctx)
+		if err != nil {
+			return
+		}
+		var peerKey key.NodePublic
+		var peer *ipnstate.PeerStatus
+		for k, p := range st.Peer {
+			if slices.Contains(logNames(k), name) {
+				peerKey, peer = k, p
+			}
+		}
+		if peer == nil || !peer.LastHandshake.IsZero() || len(peer.TailscaleIPs) == 0 {
+			return // gone, or a session came about anyway
+		}
+		if peer.Relay != "" || peer.CurAddr != "" {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(time.Until(at.Add(initiationGap))):
+			}
+			engine, ok := n.ts.Sys().Engine.GetOK()
+			if !ok {
+				return
+			}
+			addr := peer.TailscaleIPs[0]
+			n.ts.Logf("carrier: a handshake message to %v could not be sent (no address yet); starting a fresh handshake", addr)
+			engine.ResetDevicePeer(peerKey)
+			pingCtx, cancelPing := context.WithTimeout(ctx, time.Second)
+			_, _ = lc.Ping(pingCtx, addr, tailcfg.PingTSMP) // it only has to start the handshake
+			cancelPing()
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }

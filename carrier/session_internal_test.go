@@ -78,6 +78,7 @@ func TestRacedHandshakeFromLog(t *testing.T) {
 	}{
 		{"raced", [][2]string{line(short, sentInitiationLog), line(short, gotInitiationLog), line(short, " - Sending handshake response"), line(short, gotResponseLog)}, true},
 		{"raced, wireguard-go's own peer name", [][2]string{line(wgName, sentInitiationLog), line(wgName, gotInitiationLog), line(wgName, gotResponseLog)}, true},
+		{"raced, the keys not made", [][2]string{line(short, sentInitiationLog), line(short, gotResponseLog), line(short, noKeypairLog), line(short, gotInitiationLog)}, true},
 		{"a plain handshake", [][2]string{line(short, sentInitiationLog), line(short, gotResponseLog)}, false},
 		{"answered after the session was made", [][2]string{line(short, sentInitiationLog), line(short, gotResponseLog), line(short, gotInitiationLog)}, false},
 		{"only answering", [][2]string{line(short, gotInitiationLog), line(short, gotResponseLog)}, false},
@@ -108,6 +109,33 @@ func TestRacedHandshakeFromLog(t *testing.T) {
 			}
 			if _, again := c.takeRace(peer, time.Minute); again {
 				t.Error("takeRace: a race allows one reset, got two")
+			}
+		})
+	}
+}
+
+// TestPathlessFromLog: a handshake message that could not be sent for
+// want of an address names its peer to the hook; other send errors do not.
+func TestPathlessFromLog(t *testing.T) {
+	tests := []struct {
+		name   string
+		format string
+		args   []any
+		want   string
+	}{
+		{"a response", "wg: %v - Failed to send handshake response: %v", []any{"[kcUU4]", "no UDP or DERP addr"}, "[kcUU4]"},
+		{"an initiation", "wg: %v - Failed to send handshake initiation: %v", []any{"peer(kcUU…9Xs=)", "no UDP or DERP addr"}, "peer(kcUU…9Xs=)"},
+		{"another error", "wg: %v - Failed to send handshake response: %v", []any{"[kcUU4]", "peer's node key has expired"}, ""},
+		{"a data packet", "wg: %v - Failed to send data packets: %v", []any{"[kcUU4]", "no UDP or DERP addr"}, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := newCrossings()
+			var got string
+			c.pathless = func(peer string) { got = peer }
+			c.logf(func(string, ...any) {})(tt.format, tt.args...)
+			if got != tt.want {
+				t.Errorf("pathless peer = %q, want %q", got, tt.want)
 			}
 		})
 	}

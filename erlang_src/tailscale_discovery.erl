@@ -14,7 +14,10 @@
 %%% connected, and it is asked again soon, 250 ms later and then twice as
 %%% long each time up to the rescan interval, rather than at the next
 %%% rescan. A node that could not be connected is tried again the same way
-%%% (up to 30 s between tries, see due/3).
+%%% (up to 30 s between tries, see due/3). A node this process connected
+%%% that goes down (it restarted, its helper did, or `global' disconnected
+%%% it to prevent overlapping partitions) is tried again 250 ms later in the
+%%% same way, not at the next rescan.
 %%%
 %%% What a host's EPMD lists is the host's say, so it is checked before
 %%% it becomes an atom: a name must be 1 to 255 letters, digits, `_', `-'
@@ -137,6 +140,7 @@ valid_host(Host) ->
 -spec init(opts()) -> {ok, map()}.
 init(Opts) ->
     ok = tailscale_helper:subscribe(self()),
+    ok = net_kernel:monitor_nodes(true),
     erlang:send_after(maps:get(rescan_ms, Opts), self(), rescan),
     {ok, #{opts => Opts, peers => undefined, ours => [], failed => #{},
            unanswered => {[], ?FIRST_RETRY}, retry => undefined}}.
@@ -157,6 +161,18 @@ handle_info(rescan, #{opts := Opts} = St) ->
     {noreply, converge(St)};
 handle_info({retry, Ref}, #{retry := {Ref, _}} = St) ->
     {noreply, converge(St#{retry := undefined})};
+handle_info({nodedown, Node}, #{ours := Ours, failed := Failed} = St) ->
+    case lists:member(Node, Ours) of
+        true ->
+            %% Tried again after ?FIRST_RETRY; should that fail, after
+            %% twice as long each time (failed/4 doubles the half).
+            Now = erlang:monotonic_time(millisecond),
+            {noreply, schedule_retry(St#{ours := Ours -- [Node],
+                                         failed := Failed#{Node => {Now + ?FIRST_RETRY, ?FIRST_RETRY div 2}}},
+                                     Now)};
+        false ->
+            {noreply, St}
+    end;
 handle_info(_Msg, St) ->
     {noreply, St}.
 

@@ -8,6 +8,7 @@
 -export([all/0, suite/0, init_per_suite/1, end_per_suite/1]).
 -export([four_nodes_find_each_other/1, non_matching_never_connected/1,
          late_joiner_connected/1, candidates_filter/1, leaver_dropped/1, silent_host_kept/1,
+         disconnected_node_reconnected/1,
          elixir_strategy/1]).
 
 -define(OPTS, [{hostname_pattern, "^disc"}, {rescan_ms, 1000}]).
@@ -17,7 +18,8 @@ suite() ->
 
 all() ->
     [candidates_filter, four_nodes_find_each_other, non_matching_never_connected,
-     late_joiner_connected, silent_host_kept, leaver_dropped, elixir_strategy].
+     late_joiner_connected, disconnected_node_reconnected, silent_host_kept, leaver_dropped,
+     elixir_strategy].
 
 init_per_suite(Config) ->
     tsdist_ct:start_tailnet(Config).
@@ -118,6 +120,30 @@ silent_host_kept(_Config) ->
     ct:log("~p, silent for 7.5 s, was kept by every other node and answered them ~b ms after its helper went on",
            [SilentNode, Back]),
     [?assert(lists:member(SilentNode, peer:call(P, tailscale_discovery, connected, []))) || {P, _} <- Others].
+
+%% A connection that drops (here: erlang:disconnect_node/1, as 'global'
+%% does to prevent overlapping partitions) is made again 250 ms later, not
+%% at the next rescan: these two nodes rescan once a minute, and find each
+%% other again within 3 s.
+disconnected_node_reconnected(Config) ->
+    Opts = [{hostname_pattern, "^redisc"}, {rescan_ms, 60000}],
+    [{P1, _}, {_, N2}] = Pair =
+        [begin
+             {P, N} = tsdist_ct:start_node(Config, Name, Host),
+             register_peer(P),
+             ok = peer:call(P, application, set_env, [tsdist, discovery, Opts]),
+             {ok, _} = peer:call(P, application, ensure_all_started, [tsdist]),
+             {P, N}
+         end || {Name, Host} <- [{r1, "redisc1"}, {r2, "redisc2"}]],
+    Connected = fun() -> lists:member(N2, peer:call(P1, erlang, nodes, [])) end,
+    _ = tsdist_ct:within(10000, "the two nodes find each other", Connected),
+    true = peer:call(P1, erlang, disconnect_node, [N2]),
+    false = Connected(),
+    Back = tsdist_ct:within(3000, "discovery connects the dropped node again", Connected),
+    ct:log("connected again ~b ms after the disconnect", [Back]),
+    ?assert(lists:member(N2, peer:call(P1, tailscale_discovery, connected, []))),
+    [peer:stop(P) || {P, _} <- Pair],
+    ok.
 
 %% A node that leaves (its node and helper stopped) goes from every other
 %% node's discovered set.

@@ -22,7 +22,7 @@
          first_dial_after_join/1, untagged_node_refused/1, status_and_names/1,
          interactive_login_with_tags/1, key_with_advertised_tags_refused/1,
          killed_node_successor/1, persistent_node_restarts/1,
-         tailnet_acl_keeps_outsider_out/1]).
+         tailnet_acl_keeps_outsider_out/1, full_mesh_of_eight/1]).
 
 -define(TAG, "tag:erlang").
 -define(DISCOVERY, "[{tags, [\"tag:erlang\"]}, {rescan_ms, 1000}]").
@@ -49,7 +49,7 @@ all() ->
     [tagged_nodes_join, discovery_forms_cluster, ping_and_rpc_both_ways, first_dial_after_join,
      untagged_node_refused, status_and_names, interactive_login_with_tags,
      key_with_advertised_tags_refused, killed_node_successor, persistent_node_restarts,
-     tailnet_acl_keeps_outsider_out].
+     tailnet_acl_keeps_outsider_out, full_mesh_of_eight].
 
 init_per_suite(Config) ->
     Config1 = tsdist_ct:start_headscale(Config, ["cluster", "outsider"], ?OPEN_POLICY),
@@ -335,6 +335,61 @@ start_member(Config, Name, Host) ->
     M = #{node => N, peer => P, kind => beam},
     add_member(M),
     M.
+
+%% Eight fresh nodes that all connect to each other at once form a full
+%% mesh against Headscale as they do on the offline tailnet (issue 15;
+%% `make bench' measures that one). Each node tries every missing peer
+%% every 100 ms; the time is from the start of the dials until the last
+%% node sees all seven others. The members' discovery (tags) connects to
+%% the newcomers meanwhile, as it would in a cluster that grows.
+%% TSDIST_HEADSCALE_MESH_REPEATS=10 measures it; the bound (20 s) only
+%% catches a mesh that does not form.
+full_mesh_of_eight(Config) ->
+    Repeats = list_to_integer(os:getenv("TSDIST_HEADSCALE_MESH_REPEATS", "1")),
+    Ms = [mesh_of_eight(Config, R) || R <- lists:seq(1, Repeats)],
+    Sorted = lists:sort(Ms),
+    ct:pal("8-node full mesh against Headscale, ~b repeat(s): median ~b ms, max ~b ms (~w)",
+           [Repeats, lists:nth((Repeats + 1) div 2, Sorted), lists:last(Sorted), Ms]).
+
+mesh_of_eight(Config, Repeat) ->
+    Self = self(),
+    Hosts = ["hmesh" ++ integer_to_list(Repeat) ++ [$a + I - 1] || I <- lists:seq(1, 8)],
+    [spawn(fun() ->
+                   Self ! {booted, H, catch tsdist_ct:start_node([{env, keyed(Config, tagged_ephemeral)} | Config],
+                                                                 m, H)}
+           end) || H <- Hosts],
+    Booted = [receive {booted, H, Result} -> Result after 60000 -> {no_boot, H} end || H <- Hosts],
+    Nodes = [B || {P, _} = B <- Booted, is_pid(P)],
+    try
+        [] = Booted -- Nodes,
+        Names = [N || {_, N} <- Nodes],
+        T0 = erlang:system_time(millisecond),
+        Join = fun(Others) ->
+                       fun() ->
+                               Loop = fun L(Round) ->
+                                              case Others -- nodes() of
+                                                  [] -> erlang:system_time(millisecond);
+                                                  _ when Round >= 2000 -> {incomplete, Others -- nodes()};
+                                                  Missing ->
+                                                      [spawn(net_kernel, connect_node, [M]) || Round rem 10 =:= 0, M <- Missing],
+                                                      timer:sleep(10),
+                                                      L(Round + 1)
+                                              end
+                                      end,
+                               Loop(0)
+                       end
+               end,
+        [spawn_link(fun() -> Self ! {joined, N, peer:call(P, erlang, apply, [Join(Names -- [N]), []], 30000)} end)
+         || {P, N} <- Nodes],
+        Ends = [receive {joined, N, E} -> E after 40000 -> {no_answer, N} end || {_, N} <- Nodes],
+        [] = [E || E <- Ends, not is_integer(E)],
+        Took = lists:max(Ends) - T0,
+        ct:log("repeat ~b: the 8 nodes were a full mesh ~b ms after their first dials", [Repeat, Took]),
+        ?assert(Took < 20000),
+        Took
+    after
+        [catch peer:stop(P) || {P, _} <- Nodes]
+    end.
 
 all_members_connected() ->
     Names = [N || #{node := N} <- members()],

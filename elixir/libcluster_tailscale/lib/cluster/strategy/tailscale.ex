@@ -25,7 +25,10 @@ defmodule Cluster.Strategy.Tailscale do
   A host whose EPMD gives no answer (a timeout, a failed connection) is not
   taken for a host without nodes: the nodes clustered with there stay, and
   the strategy asks again 250 ms later, then twice as long each time up to
-  `poll_interval`, as it does for a candidate it could not connect.
+  `poll_interval`, as it does for a candidate it could not connect. A node
+  it clustered with that goes down (it restarted, its helper did, or
+  `global` disconnected it to prevent overlapping partitions) is looked for
+  again 250 ms later in the same way, not at the next poll.
 
   The node must be started with `-proto_dist tailscale -start_epmd false`
   (and, usually, `-epmd_module tailscale_epmd`) and have tsdist's `ebin` on
@@ -285,6 +288,8 @@ defmodule Cluster.Strategy.Tailscale do
           retry: nil
         }
 
+        # A clustered node that goes down is looked for again soon.
+        :ok = :net_kernel.monitor_nodes(true)
         state = subscribe(%{state | meta: meta})
         schedule_poll(options)
         {:ok, state}
@@ -310,6 +315,14 @@ defmodule Cluster.Strategy.Tailscale do
 
   def handle_info({:retry, ref}, %{meta: %{retry: ref}} = state) do
     {:noreply, state |> put_meta(:retry, nil) |> evaluate()}
+  end
+
+  def handle_info({:nodedown, node}, state) do
+    if MapSet.member?(state.meta.clustered, node) do
+      {:noreply, state |> put_meta(:retry_in, @first_retry) |> schedule_retry(true)}
+    else
+      {:noreply, state}
+    end
   end
 
   def handle_info({:DOWN, ref, :process, _pid, reason}, %{meta: %{helper: ref}} = state) do
