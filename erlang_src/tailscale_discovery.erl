@@ -205,8 +205,11 @@ converge(#{peers := Peers, opts := Opts, ours := Ours, failed := Failed0} = St) 
             ok
     end,
     Connected1 = nodes(connected),
+    %% A node that failed here may have connected from its side meanwhile:
+    %% nothing is due for it (else its past due time would be a retry
+    %% timer of 0 ms, over and over).
     schedule_retry(St#{ours := lists:usort([N || N <- Want ++ Kept, lists:member(N, Connected1)]),
-                       failed := Failed,
+                       failed := maps:without(Connected1, Failed),
                        unanswered := unanswered_backoff(Unanswered, maps:get(unanswered, St), Opts)},
                    Now).
 
