@@ -11,7 +11,7 @@
 #
 # Environment: BENCH_REPEATS, BENCH_MESH (e.g. 2,4,8; none), BENCH_MESH_ROUNDS
 # (meshes of each size per repeat), BENCH_RESTARTS (trials of each restart;
-# 0: none), BENCH_CARRIERS
+# 0: none), BENCH_LIBCLUSTER_EBIN (see below), BENCH_CARRIERS
 # (tcp,tls,tailscale,tsnet,ergo), BENCH_VARIANT=LABEL=DIR (tailscale_dist and
 # raw tsnet once more with another tree's helper and OTP code: bench/ab.sh),
 # BENCH_OUT (results; default bench/out), BENCH_DOC (default
@@ -44,6 +44,17 @@ if [ -n "$doc" ] && ! command -v gnuplot >/dev/null; then
 		sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q gnuplot-nox >/dev/null
 	fi
 fi
+
+# The restart trials run once more with the real libcluster driving
+# Cluster.Strategy.Tailscale, built from ../shared/vendor when it is there
+# (the harness says when it is not); BENCH_LIBCLUSTER_EBIN= skips them.
+if [ -z "${BENCH_LIBCLUSTER_EBIN+set}" ] && command -v elixir >/dev/null; then
+	BENCH_LIBCLUSTER_EBIN=$(bash scripts/libcluster.sh "$PWD/_build/libcluster")
+fi
+if [ -n "${BENCH_LIBCLUSTER_EBIN:-}" ]; then
+	BENCH_ELIXIR_EBINS=$(elixir -e 'IO.puts(Enum.join(for(a <- [:elixir, :logger], do: :code.lib_dir(a, :ebin)), " "))')
+fi
+export BENCH_LIBCLUSTER_EBIN="${BENCH_LIBCLUSTER_EBIN:-}" BENCH_ELIXIR_EBINS="${BENCH_ELIXIR_EBINS:-}"
 
 start=$(date +%s)
 BENCH_OUT=$out BENCH_ROOT=$PWD BENCH_EBIN=$PWD/_build/bench \

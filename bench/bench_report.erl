@@ -23,7 +23,12 @@
          {rejoin_node_ms, "restart: node stopped and started again, until back in every peer's `nodes()` (its boot included), ms", lower},
          {reboot_node_ms, "restart: that node's boot, ms", lower},
          {rejoin_go_ms, "restart: Go node stopped and started again, until back in every peer's `nodes()` (its boot included), ms", lower},
-         {reboot_go_ms, "restart: that Go node's boot, ms", lower}]).
+         {reboot_go_ms, "restart: that Go node's boot, ms", lower},
+         {rejoin_helper_libcluster_ms, "restart with libcluster 3.5.0 (Cluster.Strategy.Tailscale): helper killed, ms", lower},
+         {rejoin_node_libcluster_ms, "restart with libcluster: node restarted (its boot included), ms", lower},
+         {reboot_node_libcluster_ms, "restart with libcluster: that node's boot, ms", lower},
+         {rejoin_go_libcluster_ms, "restart with libcluster: Go node restarted (its boot included), ms", lower},
+         {reboot_go_libcluster_ms, "restart with libcluster: that Go node's boot, ms", lower}]).
 
 -spec main(string(), string(), string()) -> no_return().
 main(Out, Doc, Notes) ->
@@ -157,7 +162,10 @@ targets(Stats) ->
         ++ [{"restart, " ++ What ++ ", slowest trial (issue 15)", "< 2000 ms",
              Max("tailscale", M), fun(X) -> X < 2000 end, " ms"}
             || {M, What} <- [{rejoin_helper_ms, "helper killed"}, {rejoin_node_ms, "node restarted (boot included)"},
-                             {rejoin_go_ms, "Go node restarted (boot included)"}]]
+                             {rejoin_go_ms, "Go node restarted (boot included)"},
+                             {rejoin_helper_libcluster_ms, "libcluster, helper killed"},
+                             {rejoin_node_libcluster_ms, "libcluster, node restarted (boot included)"},
+                             {rejoin_go_libcluster_ms, "libcluster, Go node restarted (boot included)"}]]
         ++ [{"helper RSS per node, tailscale_dist, right after the transfers", "< 60 MB",
              Med("tailscale", helper_rss_mb), fun(X) -> X < 60 end, " MB"},
             {"helper RSS per node, tailscale_dist, at rest 5 s later", "< 60 MB",

@@ -76,9 +76,10 @@ run() ->
                          io:format("== repeat ~b of ~b~n", [R, maps:get(repeats, O)]),
                          lists:append([run_carrier(C, R, Ctx) || C <- rotate(Carriers, R)])
                      end || R <- lists:seq(1, maps:get(repeats, O))])
-                  ++ lists:append([guarded(C, 0, fun() -> run_rejoins(C, Ctx) end)
+                  ++ lists:append([guarded(C, 0, fun() -> run_rejoins(C, Ctx, Mode) end)
                                    || maps:get(restarts, O) > 0,
-                                      #{id := "tailscale"} = C <- Carriers])
+                                      #{id := "tailscale"} = C <- Carriers,
+                                      Mode <- rejoin_modes(O)])
               after
                   stop_devnet(Devnet),
                   os:cmd("rm -rf " ++ Work)
@@ -102,6 +103,10 @@ opts() ->
       bench_ebin => env("BENCH_EBIN", filename:join(Root, "_build/bench")),
       %% meshes of each size per repeat, and trials of each kind of
       %% restart (see run_rejoins/2)
+      %% the real libcluster and Elixir, for the restart trials with
+      %% Cluster.Strategy.Tailscale (bench.sh builds it from ../shared/vendor)
+      libcluster_ebin => env("BENCH_LIBCLUSTER_EBIN", ""),
+      elixir_ebins => string:lexemes(env("BENCH_ELIXIR_EBINS", ""), " "),
       mesh_rounds => list_to_integer(env("BENCH_MESH_ROUNDS", case Quick of true -> "1"; false -> "2" end)),
       restarts => list_to_integer(env("BENCH_RESTARTS", case Quick of true -> "1"; false -> "10" end)),
       pings => case Quick of true -> 200; false -> 2000 end,
@@ -295,14 +300,25 @@ run_mesh(C, R, N, Ctx) ->
 %% until the restarted node is in the nodes() of every other node again, as
 %% each of them saw it (net_kernel:monitor_nodes). Discovery connects the
 %% BEAM nodes to each other and to the Go node; nothing else reconnects.
-run_rejoins(C0, Ctx) ->
-    C = C0#{persistent => true},
+%%
+%% Mode discovery runs tailscale_discovery on the BEAM nodes; mode
+%% libcluster runs the real libcluster's Cluster.Supervisor with
+%% Cluster.Strategy.Tailscale (its defaults but the hostname pattern), its
+%% metrics named rejoin_*_libcluster_ms.
+run_rejoins(C0, Ctx, Mode) ->
+    {Letter, Suffix, Start, Paths} =
+        case Mode of
+            discovery -> {"r", "", start_discovery, []};
+            libcluster -> {"l", "_libcluster", start_libcluster,
+                           [maps:get(libcluster_ebin, Ctx) | maps:get(elixir_ebins, Ctx)]}
+        end,
+    C = C0#{persistent => true, extra_args => lists:append([["-pa", D] || D <- Paths])},
     Trials = maps:get(restarts, Ctx),
-    [Ta, Tb, Tc, Tg] = [tag(C, 0, "r" ++ S) || S <- ["a", "b", "c", "g"]],
-    Pattern = "^" ++ tag(C, 0, "r"),
+    [Ta, Tb, Tc, Tg] = [tag(C, 0, Letter ++ S) || S <- ["a", "b", "c", "g"]],
+    Pattern = "^" ++ tag(C, 0, Letter),
     BootDiscovering = fun(T) ->
                               {Ms, P, Name} = boot(C, T, Ctx),
-                              ok = call(P, start_discovery, [Pattern]),
+                              ok = call(P, Start, [Pattern]),
                               {Ms, P, Name}
                       end,
     Go = list_to_atom("bench@" ++ Tg),
@@ -314,9 +330,10 @@ run_rejoins(C0, Ctx) ->
     State = #{a => {A, NA}, b => {B, NB}, c => Cnode, go => GoNode},
     try
         await_cluster(State, Go, 60000),
-        io:format("   rejoins: a cluster of 3 BEAM nodes and a Go node, ~b trial(s) of each restart~n", [Trials]),
+        io:format("   rejoins (~s): a cluster of 3 BEAM nodes and a Go node, ~b trial(s) of each restart~n",
+                  [Mode, Trials]),
         {Samples, Final} = lists:foldl(fun(I, {Acc, St}) ->
-                                               {S1, St1} = rejoin_trial(C, I, St, Go, BootDiscovering, StartGo),
+                                               {S1, St1} = rejoin_trial(C, I, St, Go, BootDiscovering, StartGo, Suffix),
                                                {Acc ++ S1, St1}
                                        end, {[], State}, lists:seq(1, Trials)),
         put(rejoin_state, Final),
@@ -330,7 +347,19 @@ run_rejoins(C0, Ctx) ->
         stop_helper(GoPort)
     end.
 
-rejoin_trial(C, I, St0, Go, BootDiscovering, StartGo) ->
+%% The restart trials' ways of clustering: discovery always; the real
+%% libcluster when bench.sh could build it.
+rejoin_modes(O) ->
+    case maps:get(libcluster_ebin, O) of
+        "" ->
+            io:format("bench: no libcluster (../shared/vendor not found): "
+                      "the restart trials run with tailscale_discovery only~n"),
+            [discovery];
+        _ ->
+            [discovery, libcluster]
+    end.
+
+rejoin_trial(C, I, St0, Go, BootDiscovering, StartGo, Suffix) ->
     Id = maps:get(id, C),
     {A, NA} = maps:get(a, St0),
     {B, NB} = maps:get(b, St0),
@@ -366,8 +395,9 @@ rejoin_trial(C, I, St0, Go, BootDiscovering, StartGo) ->
     T3 = os:system_time(microsecond),
     {GoPort2, GoBoot} = StartGo(),
     GoBack = back(Watch3, T3),
-    Ms = [{rejoin_helper_ms, Helper}, {rejoin_node_ms, Node}, {reboot_node_ms, Reboot / 1000},
-          {rejoin_go_ms, GoBack}, {reboot_go_ms, GoBoot}],
+    Metric = fun(What) -> list_to_atom("re" ++ What ++ Suffix ++ "_ms") end,
+    Ms = [{Metric("join_helper"), Helper}, {Metric("join_node"), Node}, {Metric("boot_node"), Reboot / 1000},
+          {Metric("join_go"), GoBack}, {Metric("boot_go"), GoBoot}],
     report(Id, Ms),
     _ = {NA, NB},
     {[sample(C, I, M, V) || {M, V} <- Ms],
@@ -461,7 +491,7 @@ boot(#{base := "tailscale"} = C, Tag, Ctx) ->
            {"TS_EPHEMERAL", case maps:get(persistent, C, false) of true -> "0"; false -> "1" end}],
     Args = ["-proto_dist", "tailscale", "-epmd_module", "tailscale_epmd", "-start_epmd", "false",
             "-setcookie", ?COOKIE, "-pa", maps:get(ebin, C), "-pa", maps:get(bench_ebin, Ctx),
-            "-kernel", "logger_level", "warning"],
+            "-kernel", "logger_level", "warning"] ++ maps:get(extra_args, C, []),
     start_peer(C, Tag, #{name => app, host => Tag, args => Args, env => Env}).
 
 start_peer(_C, Tag, Opts0) ->

@@ -14,7 +14,7 @@
 -module(tsdist_bench_peer).
 
 -export([echo/0, sink/2, ping/1, rtt/2, rtt_ergo/2, stream/3, stream_ergo/3, mesh_join/2, pids/0]).
--export([start_discovery/1, watch_node/1, watched/3]).
+-export([start_discovery/1, start_libcluster/1, watch_node/1, watched/3]).
 
 %% Microseconds to connect to Node (the first net_adm:ping).
 -spec ping(node()) -> non_neg_integer().
@@ -123,6 +123,19 @@ start_discovery(Pattern) ->
     unlink(Pid),
     ok.
 
+%% libcluster's Cluster.Supervisor with one topology: Cluster.Strategy.Tailscale
+%% with its defaults, for the hosts that match Pattern (libcluster, its
+%% telemetry and Elixir must be on the code path); it outlives the call.
+-spec start_libcluster(string()) -> ok.
+start_libcluster(Pattern) ->
+    {ok, _} = application:ensure_all_started(logger), % Elixir's Logger, which libcluster logs with
+    {ok, _} = application:ensure_all_started(telemetry),
+    Topologies = [{tailnet, [{strategy, 'Elixir.Cluster.Strategy.Tailscale'},
+                             {config, [{hostname_pattern, list_to_binary(Pattern)}]}]}],
+    {ok, Pid} = 'Elixir.Cluster.Supervisor':start_link([Topologies, [{name, tsdist_bench_cluster}]]),
+    unlink(Pid),
+    ok.
+
 %% A process that notes, in OS microseconds, when Node next goes down and
 %% when it is then up again (net_kernel:monitor_nodes/1); watched/3 asks it.
 -spec watch_node(node()) -> pid().
@@ -130,8 +143,14 @@ watch_node(Node) ->
     Self = self(),
     Pid = spawn(fun() ->
                         ok = net_kernel:monitor_nodes(true),
+                        %% Not connected now (global may just have
+                        %% disconnected it): down already.
+                        Seen = case lists:member(Node, nodes()) of
+                                   true -> #{};
+                                   false -> #{down => os:system_time(microsecond)}
+                               end,
                         Self ! {self(), armed},
-                        watch_loop(Node, #{}, [])
+                        watch_loop(Node, Seen, [])
                 end),
     receive {Pid, armed} -> Pid end.
 

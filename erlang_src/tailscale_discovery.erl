@@ -54,7 +54,11 @@
 -export([node_names/3, valid_host/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2]).
 
--define(NAMES_TIMEOUT, 5000).
+%% A names question gets 1.5 s: an answer takes milliseconds, and one
+%% without an answer is asked again 250 ms later (see unanswered_backoff/3),
+%% on a fresh connection. (5 s was the cost of a question sent to a Go
+%% node just as it restarted: its first handshake was dropped.)
+-define(NAMES_TIMEOUT, 1500).
 -define(MAX_NAMES_PER_HOST, 64).
 -define(MAX_NODE_NAME, 255).      % bytes of Name@Host, as an atom allows
 -define(LOG_INTERVAL, 60000).     % one report per host and kind per minute

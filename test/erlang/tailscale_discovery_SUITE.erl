@@ -94,7 +94,7 @@ late_joiner_connected(Config) ->
 
 %% A host whose EPMD gives no answer is not a host without nodes: with one
 %% node's helper stopped (SIGSTOP) for longer than a names request may take
-%% (5 s), every other node keeps its connection to that node, which is
+%% (1.5 s), every other node keeps its connection to that node, which is
 %% still up and, once its helper goes on, answers at once. (Before, the
 %% empty answer made every other node disconnect it.)
 silent_host_kept(_Config) ->
