@@ -83,7 +83,7 @@ test-otp27: build
 
 # The benchmark (bench/bench.sh): one interleaved run of every carrier,
 # then docs/BENCHMARKS.md and docs/benchmarks.png from its numbers. About
-# 9 minutes here; BENCH_REPEATS=N changes the repeats (5), BENCH_RESTARTS
+# 11 minutes here; BENCH_REPEATS=N changes the repeats (5), BENCH_RESTARTS
 # the restart trials (10); bench/bench.sh lists the rest.
 bench: build
 	bash bench/bench.sh

@@ -261,7 +261,7 @@ func (n *Node) resetCrossed(ctx context.Context, lc *local.Client, addr netip.Ad
 // itself gives up on the session only after 15 s without an answer
 // (KeepaliveTimeout + RekeyTimeout). The sign in the log is a valid
 // response from the peer after this node answered the peer's initiation,
-// with no initiation of this node's in between (see handshakes.note).
+// with no initiation of this node's in between (see crossings.noteHandshake).
 //
 // The reset is deadlock-free for the reason resetCrossed's is: no packet of
 // the peer's reaches the device peer, since they all carry the dropped
