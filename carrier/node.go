@@ -92,9 +92,10 @@ type Node struct {
 	sessionUp map[netip.Addr]key.DiscoPublic // peers that have answered a TSMP ping, by the disco key they had
 	crossings *crossings                     // first handshakes lost to the peer's (see awaitSession)
 	pathless  map[string]bool                // peers a redoPathless is under way for
+	view      netmapView                     // the Status that look-ups share (see Candidates)
 
 	// bgCtx ends, and bg is waited for, at Close: the node's own
-	// goroutines (redoPathless).
+	// goroutines (redoPathless, watchNetmap).
 	bgCtx    context.Context
 	bgCancel context.CancelFunc
 	bg       sync.WaitGroup
@@ -217,6 +218,15 @@ func (n *Node) up(ctx context.Context) error {
 		}
 		if note.State != nil && *note.State == ipn.Running {
 			n.lc.Store(lc)
+			n.mu.Lock()
+			if n.bgCtx.Err() == nil {
+				n.bg.Add(1)
+				go func() {
+					defer n.bg.Done()
+					n.watchNetmap(n.bgCtx)
+				}()
+			}
+			n.mu.Unlock()
 			close(n.running)
 			if !n.cfg.Ephemeral {
 				if err := n.rememberUDPPort(); err != nil {

@@ -50,7 +50,7 @@ type Candidate struct {
 // a look-up that fails then costs the caller a retry (a BEAM's next
 // connect, discovery's 250 ms).
 func (n *Node) Candidates(ctx context.Context, host string) ([]Candidate, error) {
-	cands, missing, err := n.candidates(ctx, host)
+	cands, missing, err := n.candidates(ctx, host, false)
 	if !missing {
 		return cands, err
 	}
@@ -65,8 +65,10 @@ func (n *Node) Candidates(ctx context.Context, host string) ([]Candidate, error)
 		return nil, err
 	}
 	defer watcher.Close()
-	// The netmap may have changed before the watch began.
-	if cands, missing, err2 := n.candidates(ctx, host); !missing {
+	// The netmap may have changed before the watch began. (A Status of
+	// its own each time: the shared one may not have heard of the change
+	// that woke this loop yet.)
+	if cands, missing, err2 := n.candidates(ctx, host, true); !missing {
 		return cands, err2
 	}
 	for {
@@ -77,7 +79,7 @@ func (n *Node) Candidates(ctx context.Context, host string) ([]Candidate, error)
 		if note.NetMap == nil && note.PeersChanged == nil {
 			continue
 		}
-		if cands, missing, err2 := n.candidates(ctx, host); !missing {
+		if cands, missing, err2 := n.candidates(ctx, host, true); !missing {
 			return cands, err2
 		}
 	}
@@ -87,14 +89,19 @@ func (n *Node) Candidates(ctx context.Context, host string) ([]Candidate, error)
 // netmap to appear (see [Node.Candidates]).
 const joinGrace = 300 * time.Millisecond
 
-// candidates is one look-up of [Node.Candidates]; missing reports that no
-// device answers to host, which a later netmap may change.
-func (n *Node) candidates(ctx context.Context, host string) (_ []Candidate, missing bool, _ error) {
+// candidates is one look-up of [Node.Candidates], on the shared Status
+// (netmapView) or, if fresh, on a Status of its own; missing reports that
+// no device answers to host, which a later netmap may change.
+func (n *Node) candidates(ctx context.Context, host string, fresh bool) (_ []Candidate, missing bool, _ error) {
 	ip, ipErr := netip.ParseAddr(host)
 	if ipErr == nil && !tsaddr.IsTailscaleIP(ip) {
 		return nil, false, fmt.Errorf("carrier: %s is not a tailnet address: %w", host, ErrUnknownHost)
 	}
-	st, err := n.rawStatus(ctx)
+	fetch := n.rawStatus
+	if !fresh {
+		fetch = func(ctx context.Context) (*ipnstate.Status, error) { return n.view.status(ctx, n.rawStatus) }
+	}
+	st, err := fetch(ctx)
 	if err != nil {
 		return nil, false, err
 	}
